@@ -1,0 +1,243 @@
+"""The one config schema.
+
+Every key a user can set lives here, once: its type, default and meaning. The same classes
+validate presets, YAML files and `KEY=VALUE` overrides, and `verl presets NAME` prints them.
+Batch units are in the key names: `*_prompts` count prompts, `*_sequences` count
+responses (prompts × rollout.n), `*_tokens` count tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """Base: unknown keys are errors (the loader turns them into 'did you mean')."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    rank: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / rank).")
+    dropout: float = Field(0.0, ge=0.0, le=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names that get adapters (peft target_modules).",
+    )
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "smollm2-135m-instruct",
+        description="Built-in name (smollm2-135m-instruct, tiny-qwen2), local HF directory, or hub id.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    trust_remote_code: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class DataConfig(Section):
+    train_files: list[str] = Field(
+        default_factory=lambda: ["data/arithmetic/train.parquet"],
+        description="Parquet files in the dataset schema (see `verl prepare-data`).",
+    )
+    val_files: list[str] = Field(default_factory=list, description="Held-out parquet files.")
+    prompt_key: str = "prompt"
+    max_prompt_tokens: int = Field(256, ge=1, description="Longer prompts are an error (or truncated).")
+    max_response_tokens: int = Field(128, ge=1, description="Generation limit per response.")
+    truncation: Literal["error", "left"] = "error"
+    train_prompts_per_step: int = Field(8, ge=1, description="Prompts per RL step (verl: train_batch_size).")
+    val_prompts: int = Field(0, ge=0, description="Use at most this many validation prompts; 0 = all.")
+    shuffle: bool = True
+    # SFT columns
+    messages_key: str = "messages"
+    response_key: str = "response"
+
+
+class SamplingConfig(Section):
+    n: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+
+
+class RolloutConfig(Section):
+    engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (production) or hf (transformers generate).")
+    n: int = Field(4, ge=1, description="Responses sampled per prompt.")
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, description="-1 = off.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on GPU; on CPU the training compute dtype."
+    )
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    free_cache_engine: bool = Field(True, description="vLLM sleep/wake around training (GPU only).")
+    cpu_kvcache_gb: int = Field(1, ge=1, description="vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    val: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for validation.")
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
+    grad_clip: float = Field(1.0, gt=0.0)
+
+
+class PolicyConfig(Section):
+    """Shared by actor and critic: how a mini-batch is cut and how memory is saved."""
+
+    mini_batch_prompts: int = Field(
+        8, ge=1, description="Prompts per optimizer step (verl: ppo_mini_batch_size); × rollout.n sequences."
+    )
+    micro_batch_sequences_per_device: int = Field(
+        4, ge=1, description="Sequences per forward/backward on one device; gradient accumulation covers the rest."
+    )
+    epochs: int = Field(1, ge=1, description="Passes over each step's data (verl: ppo_epochs).")
+    offload_params: bool = False
+    offload_optimizer: bool = False
+
+
+class ActorConfig(PolicyConfig):
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    policy_loss: str = Field("vanilla", description="vanilla, gspo, clip_cov, kl_cov, cispo, gpg.")
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = Field(3.0, gt=1.0, description="Dual-clip bound for negative advantages.")
+    loss_agg_mode: Literal[
+        "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = Field(False, description="KL to the reference as a loss term (GRPO style).")
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = Field("low_var_kl", description="k1, abs, k2 (mse), k3 (low_var_kl).")
+
+
+class CriticConfig(PolicyConfig):
+    model_path: Optional[str] = Field(None, description="Defaults to model.path (value head added).")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-5))
+    cliprange_value: float = 0.5
+    loss_agg_mode: Literal[
+        "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    placement: Literal["colocated", "separate"] = Field(
+        "colocated", description="Share the actor's devices, or get its own resource pool."
+    )
+
+
+class KLControlConfig(Section):
+    type: Literal["fixed", "adaptive"] = "fixed"
+    kl_coef: float = 0.001
+    target_kl: float = 0.1
+    horizon: int = 10000
+
+
+class AlgorithmConfig(Section):
+    adv_estimator: str = Field(
+        "grpo",
+        description="gae (PPO, uses a critic), grpo, rloo, reinforce_plus_plus, "
+        "reinforce_plus_plus_baseline, remax, opo, gpg, grpo_passk.",
+    )
+    gamma: float = 1.0
+    lam: float = 1.0
+    norm_adv_by_std_in_grpo: bool = Field(True, description="False gives Dr.GRPO.")
+    use_kl_in_reward: bool = Field(False, description="KL penalty subtracted from the reward (PPO style).")
+    kl_penalty: str = "k1"
+    kl_ctrl: KLControlConfig = Field(default_factory=KLControlConfig)
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal.")
+    overlong_buffer_tokens: int = Field(0, ge=0, description="DAPO soft overlong penalty; 0 = off.")
+    overlong_penalty_factor: float = 1.0
+
+
+class RewardModelConfig(Section):
+    path: Optional[str] = Field(None, description="HF sequence-classification model; None = off.")
+    weight: float = Field(1.0, description="Added to the rule reward times this weight.")
+    micro_batch_sequences_per_device: int = Field(8, ge=1)
+
+
+class RewardConfig(Section):
+    fn: Optional[str] = Field(None, description="User reward 'path.py:function' (data_source, response, ground_truth, extra_info) -> float|dict.")
+    timeout_s: float = Field(10.0, gt=0.0, description="Per-response scoring timeout; a timeout scores 0.")
+    workers: int = Field(2, ge=1, description="Reward process pool size.")
+    model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+
+
+class SFTConfig(Section):
+    max_length_tokens: int = Field(512, ge=8, description="Prompt + response, per sample.")
+    batch_sequences: int = Field(8, ge=1, description="Samples per optimizer step (all devices).")
+    micro_batch_sequences_per_device: int = Field(4, ge=1)
+    packing: bool = Field(False, description="Pack samples into rows without cross-attention.")
+    epochs: int = Field(1, ge=1)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="cosine"))
+
+
+class TrainerConfig(Section):
+    name: str = Field("run", description="Run name (also the default run_dir runs/NAME).")
+    run_dir: Optional[str] = Field(None, description="Default: runs/<trainer.name>.")
+    total_steps: int = Field(10, ge=1, description="RL steps (or SFT optimizer steps).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every k steps; 0 = only at the end.")
+    val_every: int = Field(0, ge=0, description="Validate every k steps; 0 = off.")
+    val_before_train: bool = True
+    resume: str = Field("auto", description="auto (latest checkpoint in run_dir), never, or a checkpoint path.")
+    seed: int = 1
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the newest k checkpoints.")
+
+
+class ResourcesConfig(Section):
+    nodes: int = Field(1, ge=1)
+    devices_per_node: int = Field(1, ge=1, description="GPUs per node, or CPU worker processes per node.")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when available.")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="Ray CPUs reserved per worker.")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on GPU and on CPUs with bf16 instructions, else fp32."
+    )
+
+
+class LoggingConfig(Section):
+    backends: list[Literal["console", "jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["console", "jsonl"]
+    )
+    wandb_project: str = "verlcli"
+    progress_bar: bool = True
+
+
+class Config(Section):
+    """The whole run. Sections map one-to-one to dotted override prefixes."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    launcher: Literal["ray", "local"] = Field("ray", description="ray: worker groups of Ray actors; local: one process.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    preset: Optional[str] = Field(None, description="Set by --preset (informational).")
+
+    @property
+    def run_dir(self) -> str:
+        return self.trainer.run_dir or f"runs/{self.trainer.name}"
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.nodes * self.resources.devices_per_node
+
+    @property
+    def use_critic(self) -> bool:
+        return self.algorithm.adv_estimator == "gae"
+
+    @property
+    def use_reference(self) -> bool:
+        return self.actor.use_kl_loss or self.algorithm.use_kl_in_reward
