@@ -1,0 +1,89 @@
+"""Step metrics: per-phase timing, throughput, reward and length statistics, log-prob gap."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from verlcli.data.batch import Batch
+
+
+class Timer:
+    """`with timer("gen"):` accumulates seconds per phase into timing/<phase>_s."""
+
+    def __init__(self):
+        self.times: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[phase] += time.perf_counter() - t0
+
+    def metrics(self) -> dict:
+        out = {f"timing/{k}_s": v for k, v in self.times.items()}
+        out["timing/step_s"] = sum(self.times.values())
+        return out
+
+
+def average(dicts: list[dict]) -> dict:
+    """Mean of per-rank metric dicts."""
+    acc = defaultdict(list)
+    for d in dicts:
+        for k, v in (d or {}).items():
+            if v is not None:
+                acc[k].append(float(v))
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp(min=1))
+
+
+def data_metrics(batch: Batch, max_response_tokens: int) -> dict:
+    mask = batch["response_mask"].float()
+    lengths = mask.sum(-1)
+    scores = batch["scores"]
+    out = {
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/clip_frac": float((lengths >= max_response_tokens).float().mean()),
+        "prompt/length_mean": float(batch["attention_mask"][:, : batch["prompts"].shape[1]].float().sum(-1).mean()),
+        "reward/mean": float(batch["token_level_rewards"].sum(-1).mean()),
+        "score/mean": float(scores.mean()),
+        "score/max": float(scores.max()),
+        "score/min": float(scores.min()),
+        "advantage/mean": _masked_mean(batch["advantages"], mask),
+        "advantage/abs_max": float((batch["advantages"].abs() * mask).max()),
+    }
+    for ds in sorted(set(batch["data_source"])):
+        sel = torch.tensor([d == ds for d in batch["data_source"]])
+        out[f"score/{ds}/mean"] = float(scores[sel].mean())
+    if "old_log_probs" in batch:
+        gap = (batch["rollout_log_probs"] - batch["old_log_probs"]).abs() * mask
+        # The first thing to look at when training goes wrong: rollout vs trainer log-probs.
+        out["rollout/logprob_gap_mean"] = float(gap.sum() / mask.sum().clamp(min=1))
+        out["rollout/logprob_gap_max"] = float(gap.max())
+    if "values" in batch:
+        out["critic/values_mean"] = _masked_mean(batch["values"], mask)
+        out["critic/returns_mean"] = _masked_mean(batch["returns"], mask)
+    return out
+
+
+def throughput(batch: Batch, timing: dict, world_size: int) -> dict:
+    gen_tokens = float(batch["response_mask"].sum())
+    all_tokens = float(batch["attention_mask"].sum())
+    step_s = timing.get("timing/step_s", 0.0) or 1e-9
+    gen_s = timing.get("timing/gen_s", 0.0) or 1e-9
+    return {
+        "perf/gen_tokens_per_s": gen_tokens / gen_s,
+        "perf/tokens_per_s": all_tokens / step_s,
+        "perf/tokens_per_s_per_device": all_tokens / step_s / world_size,
+        "perf/total_tokens": all_tokens,
+    }

@@ -1,0 +1,84 @@
+"""The single controller: one loop for PPO and GRPO (critic on or off by the estimator).
+
+Reads top to bottom like single-process code; each `group.method(batch)` call is split
+across the data-parallel workers and gathered back (verlcli.distributed).
+"""
+
+from __future__ import annotations
+
+from verlcli.config.arithmetic import check_resources, rl_plan
+from verlcli.config.loader import to_yaml
+from verlcli.trainer import run_dir as rd
+from verlcli.trainer.loggers import Tracker
+from verlcli.trainer.metrics import Timer, average, data_metrics, throughput
+from verlcli.trainer.progress import Progress
+from verlcli.trainer.setup import build, teardown
+from verlcli.trainer.steps import compute_advantages, score, to_prompt_batch, validate
+
+
+def run_rl(cfg) -> dict:
+    plan = rl_plan(cfg)
+    device = check_resources(cfg)
+    run = rd.prepare(cfg, to_yaml)
+    w = build(cfg, device, run)  # tokenizer, data, worker groups, reward scorer, KL controller
+    tracker = Tracker(str(run), cfg.logging.backends, cfg.logging.wandb_project, cfg.trainer.name, cfg.model_dump(mode="json"))
+    start, last = 0, {}
+    try:
+        ckpt = rd.resume_from(cfg, run)
+        if ckpt is not None:
+            start = w.restore(ckpt)
+            tracker.console.print(f"resumed from {ckpt} at step {start}")
+        tracker.log(start, w.actor.sync_weights()[0])  # rollout starts from the actor's weights
+        if cfg.trainer.val_before_train and w.val_data is not None and start == 0:
+            tracker.log(0, validate(cfg, w))
+        progress = Progress(cfg.trainer.total_steps, start, enabled=cfg.logging.progress_bar)
+        for step in range(start + 1, cfg.trainer.total_steps + 1):
+            timer = Timer()
+            batch = to_prompt_batch(cfg, w.loader.next(), w.tokenizer, repeat=cfg.rollout.n, validation=False, step=step)
+            with timer("gen"):
+                batch = w.actor.generate(batch)
+            with timer("reward"):
+                batch, reward_metrics = score(cfg, w, batch)
+            batch, filter_metrics = w.filter_groups(batch)  # DAPO dynamic sampling (off by default)
+            if batch is None:  # every group had equal rewards: nothing to learn from this step
+                tracker.log(step, {**reward_metrics, **filter_metrics})
+                progress.advance()
+                continue
+            with timer("old_log_prob"):
+                batch = batch.union(w.actor.compute_log_probs(batch))
+            if cfg.use_reference:
+                with timer("ref_log_prob"):
+                    batch = batch.union(w.actor.compute_ref_log_probs(batch))
+            if cfg.use_critic:
+                with timer("values"):
+                    batch = batch.union(w.critic.compute_values(batch))
+            with timer("adv"):
+                batch, adv_metrics = compute_advantages(cfg, w, batch)
+            metrics = {}
+            if cfg.use_critic:
+                with timer("update_critic"):
+                    metrics.update(average(w.critic.update_critic(batch)))
+            with timer("update_actor"):
+                metrics.update(average(w.actor.update_actor(batch)))
+            with timer("sync_weights"):
+                metrics.update(w.actor.sync_weights()[0])
+            if cfg.trainer.val_every and step % cfg.trainer.val_every == 0 and w.val_data is not None:
+                with timer("validate"):
+                    metrics.update(validate(cfg, w))
+            if step == cfg.trainer.total_steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+                with timer("checkpoint"):
+                    w.save(rd.step_dir(run, step), step)
+                    rd.prune(run, cfg.trainer.keep_checkpoints)
+            timing = timer.metrics()
+            metrics.update(data_metrics(batch, cfg.data.max_response_tokens))
+            metrics.update({**reward_metrics, **filter_metrics, **adv_metrics, **timing})
+            metrics.update(throughput(batch, timing, plan.data_parallel_size))
+            metrics.update(w.actor.memory())
+            tracker.log(step, metrics)
+            progress.advance(metrics)
+            last = metrics
+        progress.close()
+    finally:
+        tracker.close()
+        teardown(w)
+    return last

@@ -1,0 +1,122 @@
+"""The driver-side pieces of an RL step: prompts → Batch, scoring, advantages, validation."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from verlcli.algorithms import ADV_ESTIMATORS, apply_kl_penalty, needs_baseline, overlong_reward_penalty
+from verlcli.data.batch import Batch
+
+
+def to_prompt_batch(cfg, items: list[dict], tokenizer, repeat: int, validation: bool, step: int = 0) -> Batch:
+    """Rows of prompts, each repeated `repeat` times (a a b b), with sampling settings in meta."""
+    s = cfg.rollout.val if validation else cfg.rollout
+    batch = Batch(
+        non_tensors={
+            "prompt_ids": [it["input_ids"] for it in items],
+            "data_source": [it["data_source"] for it in items],
+            "ground_truth": [it["ground_truth"] for it in items],
+            "extra_info": [it.get("extra_info") or {} for it in items],
+            "uid": [f"{'val' if validation else step}-{i}" for i in range(len(items))],
+        },
+        meta={"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+              "seed": cfg.trainer.seed * 100003 + step},
+    )
+    return batch.repeat(repeat, interleave=True)
+
+
+def decode_responses(tokenizer, batch: Batch) -> list[str]:
+    out = []
+    for ids, mask in zip(batch["responses"], batch["response_mask"]):
+        out.append(tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True))
+    return out
+
+
+def _rule_scores(cfg, w, batch: Batch, texts: list[str]) -> tuple[torch.Tensor, dict]:
+    items = [{"data_source": ds, "response": t, "ground_truth": gt, "extra_info": ei}
+             for ds, t, gt, ei in zip(batch["data_source"], texts, batch["ground_truth"], batch["extra_info"])]
+    results = w.scorer.score(items)
+    scores = torch.tensor([float(r["score"]) for r in results], dtype=torch.float32)
+    errors = [r for r in results if r.get("error")]
+    metrics = {"reward/errors": float(len(errors))}
+    if errors:
+        w.warn_once(f"reward: {len(errors)} of {len(results)} responses failed to score (scored 0): {errors[0]['error']}")
+    if "acc" in results[0]:
+        metrics["reward/acc"] = float(np.mean([float(r.get("acc", 0.0)) for r in results]))
+    return scores, metrics
+
+
+def score(cfg, w, batch: Batch) -> tuple[Batch, dict]:
+    """Rule reward (+ reward model) per response, placed on its last valid token."""
+    texts = decode_responses(w.tokenizer, batch)
+    scores, metrics = _rule_scores(cfg, w, batch, texts)
+    if w.reward_model is not None:
+        rm = w.reward_model.compute_rm_scores(batch.union(Batch(non_tensors={"response_text": texts})))["rm_scores"]
+        metrics["reward/model_mean"] = float(rm.mean())
+        scores = scores + cfg.reward.model.weight * rm
+    lengths = batch["response_mask"].sum(-1)
+    if cfg.algorithm.overlong_buffer_tokens:
+        pen = overlong_reward_penalty(lengths, cfg.data.max_response_tokens, cfg.algorithm.overlong_buffer_tokens,
+                                      cfg.algorithm.overlong_penalty_factor)
+        metrics["reward/overlong_penalty_mean"] = float(pen.mean())
+        scores = scores + pen
+    tls = torch.zeros_like(batch["response_mask"], dtype=torch.float32)
+    last = (lengths - 1).clamp(min=0)
+    tls[torch.arange(len(batch)), last] = scores
+    batch["scores"] = scores
+    batch["token_level_scores"] = tls
+    batch["response_text"] = texts
+    if needs_baseline(cfg.algorithm.adv_estimator):
+        batch["reward_baselines"] = _greedy_baselines(cfg, w, batch)
+    return batch, metrics
+
+
+def _greedy_baselines(cfg, w, batch: Batch) -> torch.Tensor:
+    """ReMax: the reward of a greedy response to the same prompt is the baseline."""
+    first = {}
+    for i, uid in enumerate(batch["uid"]):
+        first.setdefault(uid, i)
+    prompts = batch.index(list(first.values())).select(["prompt_ids", "data_source", "ground_truth", "extra_info", "uid"])
+    prompts.meta = {**batch.meta, "temperature": 0.0, "top_p": 1.0, "top_k": -1}
+    greedy = w.actor.generate(prompts)
+    g_scores, _ = _rule_scores(cfg, w, greedy, decode_responses(w.tokenizer, greedy))
+    by_uid = dict(zip(greedy["uid"], g_scores.tolist()))
+    return torch.tensor([by_uid[u] for u in batch["uid"]], dtype=torch.float32)
+
+
+def compute_advantages(cfg, w, batch: Batch) -> tuple[Batch, dict]:
+    a = cfg.algorithm
+    metrics = {}
+    rewards = batch["token_level_scores"]
+    if a.use_kl_in_reward:
+        rewards, kl_m = apply_kl_penalty(rewards, batch["old_log_probs"], batch["ref_log_probs"],
+                                         batch["response_mask"], w.kl_ctrl, a.kl_penalty)
+        metrics.update({f"actor/{k}": v for k, v in kl_m.items()})
+    fn = ADV_ESTIMATORS.get(a.adv_estimator, "algorithm.adv_estimator")
+    adv, ret = fn(rewards, batch["response_mask"], index=list(batch["uid"]),
+                  values=batch["values"] if "values" in batch else None, gamma=a.gamma, lam=a.lam,
+                  norm_adv_by_std=a.norm_adv_by_std_in_grpo,
+                  reward_baselines=batch["reward_baselines"] if "reward_baselines" in batch else None)
+    batch["token_level_rewards"] = rewards
+    batch["advantages"] = adv
+    batch["returns"] = ret
+    return batch, metrics
+
+
+def validate(cfg, w) -> dict:
+    """Held-out prompts, `rollout.val` sampling; mean@n per data source."""
+    n = cfg.rollout.val.n
+    batch = to_prompt_batch(cfg, w.val_data, w.tokenizer, repeat=n, validation=True)
+    batch = w.actor.generate(batch)
+    scores, m = _rule_scores(cfg, w, batch, decode_responses(w.tokenizer, batch))
+    out = {"val/score/mean": float(scores.mean()), "val/reward_errors": m["reward/errors"],
+           "val/response_length_mean": float(batch["response_mask"].float().sum(-1).mean())}
+    by_ds = defaultdict(list)
+    for ds, s in zip(batch["data_source"], scores.tolist()):
+        by_ds[ds].append(s)
+    for ds, vals in by_ds.items():
+        out[f"val/score/{ds}/mean@{n}"] = float(np.mean(vals))
+    return out

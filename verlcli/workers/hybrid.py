@@ -1,0 +1,193 @@
+"""The hybrid-engine worker: actor + rollout + reference (+ critic) in one process per device.
+
+One instance runs on every data-parallel rank. The driver calls the `@register`-ed methods
+on the worker group; `dp` methods get this rank's slice of the batch and return rows for it.
+Roles decide what the process holds: the default colocated group has all of them; a
+`critic.placement=separate` run starts a second group with only `critic`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from verlcli.data.batch import Batch
+from verlcli.distributed import Worker, register
+from verlcli.workers import seq
+from verlcli.workers.losses import actor_micro_loss, critic_micro_loss, mean_metrics
+
+
+class HybridWorker(Worker):
+    @register(dispatch="all")
+    def setup(self, cfg: dict, roles: list[str], total_steps: int):
+        from verlcli.config.schema import Config
+        from verlcli.engine import FSDPEngine
+        from verlcli.models.resolve import resolve_model
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg = Config.model_validate(cfg)
+        self.roles = set(roles)
+        path = str(resolve_model(cfg.model.path))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        common = dict(device=self.device, compute_dtype=cfg.resources.compute_dtype,
+                      gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.trainer.seed)
+        opt_steps = total_steps * (cfg.data.train_prompts_per_step // cfg.actor.mini_batch_prompts) * cfg.actor.epochs
+        self.actor = self.ref = self.critic = self.rollout = None
+        if "actor" in roles:
+            self.actor = FSDPEngine(path, kind="causal_lm", optim=cfg.actor.optim, total_optimizer_steps=opt_steps,
+                                    lora=cfg.model.lora if cfg.model.lora.rank else None,
+                                    offload_params=cfg.actor.offload_params,
+                                    offload_optimizer=cfg.actor.offload_optimizer, **common)
+        if "ref" in roles:
+            self.ref = FSDPEngine(path, kind="causal_lm", optim=None, total_optimizer_steps=0,
+                                  offload_params=cfg.actor.offload_params, **common)
+        if "critic" in roles:
+            cpath = str(resolve_model(cfg.critic.model_path or cfg.model.path))
+            copt = total_steps * (cfg.data.train_prompts_per_step // cfg.critic.mini_batch_prompts) * cfg.critic.epochs
+            self.critic = FSDPEngine(cpath, kind="value", optim=cfg.critic.optim, total_optimizer_steps=copt,
+                                     offload_params=cfg.critic.offload_params,
+                                     offload_optimizer=cfg.critic.offload_optimizer, **common)
+        if "rollout" in roles:
+            self._make_rollout(path)
+        return True
+
+    # ------------------------------------------------------------------ rollout
+    def _make_rollout(self, path: str):
+        from verlcli.engine.fsdp import resolve_compute_dtype
+        from verlcli.rollout import make_rollout
+
+        r, d = self.cfg.rollout, self.cfg.data
+        dtype = r.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if resolve_compute_dtype(self.device, self.cfg.resources.compute_dtype) == torch.bfloat16 else "float32"
+        self.rollout = make_rollout(
+            r.engine, path, device=self.device, dtype=dtype,
+            max_model_len=d.max_prompt_tokens + d.max_response_tokens + 8,
+            seed=self.cfg.trainer.seed + self.rank, gpu_memory_utilization=r.gpu_memory_utilization,
+            cpu_kvcache_gb=r.cpu_kvcache_gb, enable_sleep=self.device == "cuda" and r.free_cache_engine,
+        )
+        if self.device == "cuda" and r.free_cache_engine:
+            self.rollout.sleep()
+
+    @register(dispatch="all")
+    def sync_weights(self) -> dict:
+        """Actor weights → rollout engine, in memory (gathered full tensors on every rank)."""
+        t0 = time.perf_counter()
+        state = self.actor.full_state_dict()
+        gather_s = time.perf_counter() - t0
+        if self.device == "cuda" and self.cfg.rollout.free_cache_engine:
+            self.rollout.wake()
+        stats = self.rollout.sync_weights(state)
+        del state
+        return {"sync/gather_s": gather_s, **{f"sync/{k.removeprefix('sync_')}": v for k, v in stats.items()}}
+
+    @register(dispatch="dp")
+    def generate(self, batch: Batch) -> Batch:
+        """One response per row (the driver repeats prompts n times). Sampling from batch.meta."""
+        from verlcli.rollout.base import SamplingSpec
+
+        m = batch.meta
+        spec = SamplingSpec(n=1, temperature=m["temperature"], top_p=m["top_p"], top_k=m["top_k"],
+                            max_tokens=self.cfg.data.max_response_tokens, stop=list(self.cfg.rollout.stop),
+                            seed=m.get("seed"))
+        prompts = [list(p) for p in batch["prompt_ids"]]
+        if self.device == "cuda" and self.cfg.rollout.free_cache_engine:
+            self.rollout.wake()
+        outs = self.rollout.generate(prompts, spec)
+        if self.device == "cuda" and self.cfg.rollout.free_cache_engine:
+            self.rollout.sleep()
+        rows = seq.build_rows(prompts, [o.response_ids for o in outs], [o.logprobs for o in outs], self.pad_id,
+                              self.cfg.data.max_prompt_tokens, self.cfg.data.max_response_tokens)
+        out = Batch(rows, {"finish_reason": [o.finish_reason for o in outs]})
+        return batch.union(out)
+
+    # ------------------------------------------------------------------ forward passes
+    def _forward_rows(self, batch: Batch, fn) -> torch.Tensor:
+        """Run fn(inputs, r_keep) over micro-batches; return a fixed-width [B, R] tensor."""
+        R = batch["responses"].shape[1]
+        size = self.cfg.actor.micro_batch_sequences_per_device * 2  # no grads: bigger micro-batches
+        outs = []
+        with torch.no_grad():
+            for micro in batch.chunks_of(size):
+                inputs, r_keep = seq.trim(micro)
+                outs.append(seq.pad_right(fn(inputs, r_keep).float().cpu(), R))
+        return torch.cat(outs) if outs else torch.zeros(0, R)
+
+    @register(dispatch="dp")
+    def compute_log_probs(self, batch: Batch) -> Batch:
+        lp = self._forward_rows(batch, lambda x, r: self.actor.log_probs(**x, response_len=r,
+                                temperature=batch.meta.get("temperature", 1.0))[0])
+        return Batch({"old_log_probs": lp})
+
+    @register(dispatch="dp")
+    def compute_ref_log_probs(self, batch: Batch) -> Batch:
+        lp = self._forward_rows(batch, lambda x, r: self.ref.log_probs(**x, response_len=r,
+                                temperature=batch.meta.get("temperature", 1.0))[0])
+        return Batch({"ref_log_probs": lp})
+
+    @register(dispatch="dp")
+    def compute_values(self, batch: Batch) -> Batch:
+        return Batch({"values": self._forward_rows(batch, lambda x, r: self.critic.values(**x, response_len=r))})
+
+    # ------------------------------------------------------------------ updates
+    def _mini_batches(self, batch: Batch, mini_batch_prompts: int):
+        per_rank = len(batch) * mini_batch_prompts // self.cfg.data.train_prompts_per_step
+        return batch.chunks_of(max(per_rank, 1))
+
+    def _update(self, engine, batch: Batch, pc, micro_loss) -> dict:
+        """Epochs × mini-batches × micro-batches; one optimizer step per mini-batch."""
+        metrics = []
+        for _ in range(pc.epochs):
+            for mini in self._mini_batches(batch, pc.mini_batch_prompts):
+                mask = mini["response_mask"]
+                g_tokens = int(engine.all_reduce_sum(float(mask.sum())))
+                g_seqs = int(engine.all_reduce_sum(float((mask.sum(-1) > 0).sum())))
+                for micro in mini.chunks_of(pc.micro_batch_sequences_per_device):
+                    loss, m = micro_loss(engine, micro, self.cfg, g_tokens, g_seqs)
+                    engine.backward(loss * engine.world_size)  # FSDP averages over ranks
+                    # 'sum:' metrics are this rank's share of the global mean; × world so the
+                    # driver's average over ranks gives the global value.
+                    metrics.append({k: v * engine.world_size if k.startswith("sum:") else v for k, v in m.items()})
+                metrics.append(engine.step())
+        return mean_metrics(metrics)
+
+    @register(dispatch="dp")
+    def update_actor(self, batch: Batch) -> dict:
+        return {f"actor/{k}": v for k, v in self._update(self.actor, batch, self.cfg.actor, actor_micro_loss).items()}
+
+    @register(dispatch="dp")
+    def update_critic(self, batch: Batch) -> dict:
+        return {f"critic/{k}": v for k, v in self._update(self.critic, batch, self.cfg.critic, critic_micro_loss).items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    @register(dispatch="all")
+    def save_checkpoint(self, step_dir: str, extra: dict) -> bool:
+        for role, engine in (("actor", self.actor), ("critic", self.critic)):
+            if engine is not None:
+                engine.save_checkpoint(os.path.join(step_dir, role), extra)
+        return True
+
+    @register(dispatch="rank0")
+    def load_checkpoint(self, step_dir: str) -> dict:
+        extra = {}
+        for role, engine in (("actor", self.actor), ("critic", self.critic)):
+            if engine is not None:
+                extra = engine.load_checkpoint(os.path.join(step_dir, role))
+        return extra
+
+    @register(dispatch="rank0")
+    def memory(self) -> dict:
+        import resource
+
+        out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        if self.device == "cuda":
+            out["mem/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
+
+    def shutdown(self):
+        # vLLM's shutdown tears down the default process group: it goes last.
+        if self.rollout is not None:
+            self.rollout.shutdown()

@@ -1,0 +1,77 @@
+"""Micro-batch losses for the actor and the critic, built from the algorithms registry.
+
+Losses are normalized by the GLOBAL token/sequence count of the mini-batch (all ranks, all
+micro-batches), so summing micro-batch gradients gives the exact mini-batch mean however
+the batch is split (see verlcli.algorithms.aggregation).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from verlcli.algorithms import POLICY_LOSSES, PolicyLossConfig, agg_loss, kl_penalty, value_loss
+from verlcli.workers import seq
+
+
+def actor_micro_loss(engine, micro, cfg, g_tokens: int, g_seqs: int):
+    a = cfg.actor
+    inputs, r = seq.trim(micro)
+    temperature = micro.meta.get("temperature", 1.0)
+    need_entropy = True
+    logp, entropy = engine.log_probs(**inputs, response_len=r, temperature=temperature, with_entropy=need_entropy)
+    mask = seq.cut(micro["response_mask"], r).to(logp.dtype)
+    pl_cfg = PolicyLossConfig(clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
+                              clip_ratio_c=a.clip_ratio_c, loss_scale_factor=cfg.data.max_response_tokens)
+    loss_fn = POLICY_LOSSES.get(a.policy_loss, "actor.policy_loss")
+    agg = dict(loss_agg_mode=a.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs)
+    pg_loss, m = loss_fn(seq.cut(micro["old_log_probs"], r), logp, seq.cut(micro["advantages"], r), mask,
+                         cfg=pl_cfg, **agg)
+    loss = pg_loss
+    metrics = {k: float(v) for k, v in m.items()}
+    metrics["pg_loss"] = float(pg_loss)
+    if entropy is not None:
+        ent = agg_loss(entropy, mask, **agg)
+        metrics["entropy"] = float(ent)
+        if a.entropy_coeff:
+            loss = loss - a.entropy_coeff * ent
+    if a.use_kl_loss:
+        kl = kl_penalty(logp, seq.cut(micro["ref_log_probs"], r), a.kl_loss_type)
+        kl_loss = agg_loss(kl, mask, **agg)
+        loss = loss + a.kl_loss_coef * kl_loss
+        metrics["kl_loss"] = float(kl_loss)
+    # Per-micro-batch values are fractions of the global mean: summed later, not averaged.
+    return loss, {f"sum:{k}" if k in ("pg_loss", "entropy", "kl_loss") else k: v for k, v in metrics.items()}
+
+
+def critic_micro_loss(engine, micro, cfg, g_tokens: int, g_seqs: int):
+    c = cfg.critic
+    inputs, r = seq.trim(micro)
+    vpreds = engine.values(**inputs, response_len=r)
+    mask = seq.cut(micro["response_mask"], r).to(vpreds.dtype)
+    loss, m = value_loss(vpreds, seq.cut(micro["values"], r), seq.cut(micro["returns"], r), mask,
+                         c.cliprange_value, c.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs)
+    metrics = {k: float(v) for k, v in m.items()}
+    metrics["sum:vf_loss"] = float(loss)
+    return loss, metrics
+
+
+def mean_metrics(items: list[dict]) -> dict:
+    """Average per-micro/step metrics; keys prefixed 'sum:' are summed per optimizer step."""
+    sums, counts = defaultdict(float), defaultdict(int)
+    steps = max(sum(1 for m in items if "grad_norm" in m), 1)
+    for m in items:
+        for k, v in m.items():
+            if v is None:
+                continue
+            v = float(v.item() if isinstance(v, torch.Tensor) else v)
+            sums[k] += v
+            counts[k] += 1
+    out = {}
+    for k, total in sums.items():
+        if k.startswith("sum:"):
+            out[k[4:]] = total / steps
+        else:
+            out[k] = total / counts[k]
+    return out
