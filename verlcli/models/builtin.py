@@ -24,7 +24,7 @@ from verlcli.io import atomic_path, write_json_atomic
 from verlcli.models import tiny_qwen2
 
 MARKER = "verlcli_builtin.json"
-SMOLLM2_VERSION = 1
+SMOLLM2_VERSION = 2
 
 
 def verl_home() -> Path:
@@ -76,12 +76,13 @@ def build_smollm2(out_dir: Path) -> None:
     model.tie_weights()
     model.generation_config = loaded.generation_config
     model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it unset
     tokenizer.save_pretrained(out_dir)
 
 
 # ---------------------------------------------------------------- registry and cache
 
-# name -> (description, builder(out_dir), version). The version is written into the built
+# name -> (description, builder(out_dir)). `_VERSIONS[name]` is written into the built
 # directory; a mismatch (the builder changed) triggers a rebuild.
 BUILTINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny-qwen2": (
@@ -131,6 +132,9 @@ def ensure_builtin(name: str) -> Path:
         _, builder = BUILTINS[name]
         with atomic_path(target, is_dir=True) as tmp:
             builder(tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+            # mkdtemp (and some writers) make files private; the cache may be shared.
+            tmp.chmod(0o755)
+            for f in tmp.iterdir():
+                f.chmod(0o644)
             write_json_atomic(tmp / MARKER, {"name": name, "version": _VERSIONS[name]})
     return target
