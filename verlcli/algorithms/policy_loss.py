@@ -1,0 +1,254 @@
+"""Policy losses, selected by `actor.policy_loss`.
+
+One signature for all:
+
+    fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+       cfg: PolicyLossConfig | None = None, global_tokens=None, global_seqs=None,
+       rollout_log_prob=None) -> (loss scalar, metrics)
+
+All tensors are `[B, T]`; `log_prob` carries the gradient, the rest are constants.
+`global_tokens` / `global_seqs` go to `agg_loss` (see aggregation.py: with them, the
+micro-batch losses SUM to the mini-batch loss). Metrics, Python floats, local means over
+the valid tokens of this micro-batch:
+
+- `ppo_kl`: approximate KL(old ‖ new) = mean(old_log_prob − log_prob) (k1, as verl).
+- `pg_clipfrac`: fraction of tokens where the clipped term was the one used
+  (`vanilla`: ratio above 1+ε_high with A > 0 *or* below 1−ε_low with A < 0 — verl's
+  definition; per-loss meaning in each docstring).
+- `pg_clipfrac_lower`: fraction of tokens hit by the dual clip (A < 0 and the loss capped
+  at −A·c); 0 for losses without a lower clip.
+
+Numerical safety: the log importance ratio log π − log π_old is clamped to [−20, 20]
+before `exp`, so extreme log-probs give finite losses (gradients through clamped entries
+are 0). With `rollout_log_prob` and `cfg.tis_imp_ratio_cap > 0`, each token's loss is
+multiplied by the truncated importance weight min(π_old / π_rollout, cap) — the
+correction for a rollout engine whose log-probs differ from the trainer's (verl's TIS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from verlcli.algorithms.aggregation import agg_loss, masked_mean, masked_sum
+from verlcli.algorithms.registry import Registry
+from verlcli.errors import UserError
+
+POLICY_LOSSES = Registry("policy loss", "actor.policy_loss")
+
+LOG_RATIO_CLAMP = 20.0
+
+
+@dataclass
+class PolicyLossConfig:
+    """Knobs of the policy losses (defaults as verl's)."""
+
+    clip_ratio_low: float = 0.2  # ε_low: ratio clipped below at 1 − ε_low
+    clip_ratio_high: float = 0.2  # ε_high: above at 1 + ε_high (DAPO clip-higher: 0.28)
+    clip_ratio_c: float = 3.0  # dual-clip bound for negative advantages; must be > 1
+    clip_cov_ratio: float = 0.0002  # clip_cov: fraction of tokens whose gradient is cut
+    clip_cov_lb: float = 1.0  # clip_cov: covariance window for candidates
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002  # kl_cov: fraction of tokens given the KL penalty
+    ppo_kl_coef: float = 1.0  # kl_cov: weight of |log ratio| on those tokens
+    tis_imp_ratio_cap: float = 0.0  # truncated IS against rollout log-probs; 0 = off
+    loss_scale_factor: int | None = None  # L of seq-mean-token-sum-norm (max response len)
+
+    def __post_init__(self):
+        if self.clip_ratio_c <= 1.0:
+            raise UserError(
+                f"actor.clip_ratio_c is {self.clip_ratio_c}; the dual-clip bound must be > 1",
+                fix="set actor.clip_ratio_c=3.0 (the usual value)",
+            )
+        for key in ("clip_ratio_low", "clip_ratio_high"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= (1.0 if key == "clip_ratio_low" else float("inf")):
+                raise UserError(
+                    f"actor.{key} is {value}; it must be >= 0"
+                    + (" and <= 1" if key == "clip_ratio_low" else ""),
+                    fix=f"set actor.{key}=0.2 (0.28 for clip_ratio_high gives DAPO clip-higher)",
+                )
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def _log_ratio(log_prob, old_log_prob):
+    return (log_prob - old_log_prob).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def _frac(condition: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(masked_mean(condition.float(), mask))
+
+
+def _finish(pg_losses, mask, loss_agg_mode, cfg, global_tokens, global_seqs, old_log_prob,
+            rollout_log_prob, log_ratio, clipfrac=0.0, clipfrac_lower=0.0):
+    """Truncated IS, aggregation and the metrics every loss reports."""
+    if rollout_log_prob is not None and cfg.tis_imp_ratio_cap > 0:
+        behaviour = (old_log_prob - rollout_log_prob).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        pg_losses = pg_losses * behaviour.exp().clamp(max=cfg.tis_imp_ratio_cap).detach()
+    loss = agg_loss(pg_losses, mask, loss_agg_mode, global_tokens, global_seqs,
+                    loss_scale_factor=cfg.loss_scale_factor)
+    metrics = {
+        "pg_clipfrac": float(clipfrac),
+        "pg_clipfrac_lower": float(clipfrac_lower),
+        "ppo_kl": float(masked_mean(-log_ratio.detach(), mask)),
+    }
+    return loss, metrics
+
+
+def _clipped_surrogate(advantages, ratio, cfg):
+    """(unclipped term, clipped term, elementwise max) of the PPO surrogate, as losses."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high)
+    return unclipped, clipped, torch.maximum(unclipped, clipped)
+
+
+# ---------------------------------------------------------------- losses
+
+
+@POLICY_LOSSES.register("vanilla")
+def vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+            cfg=None, global_tokens=None, global_seqs=None, rollout_log_prob=None):
+    """PPO clipped surrogate with separate bounds and dual clip.
+
+    r = exp(log π − log π_old); per token
+        L = max(−A·r, −A·clip(r, 1−ε_low, 1+ε_high))          (PPO; ε_high > ε_low is
+                                                                DAPO's clip-higher)
+        L = min(L, −A·c)  where A < 0                          (dual clip, c = clip_ratio_c)
+    The dual clip bounds the loss of a negative-advantage token whose ratio has exploded.
+    """
+    cfg = cfg or PolicyLossConfig()
+    mask = response_mask.bool()
+    log_ratio = _log_ratio(log_prob, old_log_prob)
+    unclipped, clipped, pg = _clipped_surrogate(advantages, log_ratio.exp(), cfg)
+    dual = -advantages * cfg.clip_ratio_c
+    negative = advantages < 0
+    pg_losses = torch.where(negative, torch.minimum(pg, dual), pg)
+    return _finish(
+        pg_losses, mask, loss_agg_mode, cfg, global_tokens, global_seqs, old_log_prob,
+        rollout_log_prob, log_ratio,
+        clipfrac=_frac(clipped > unclipped, mask),
+        clipfrac_lower=_frac((pg > dual) & negative, mask),
+    )
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+         cfg=None, global_tokens=None, global_seqs=None, rollout_log_prob=None):
+    """GSPO: one importance ratio per sequence, the geometric mean of its token ratios,
+    s_i = exp(mean_t(log π − log π_old)), used as s_i·π/sg(π) per token so that the
+    gradient flows through every token. Clipped like PPO (no dual clip).
+
+    Always aggregated with `seq-mean-token-mean`, whatever `loss_agg_mode` says (as in
+    verl: the objective is defined per sequence) — so pass `global_seqs` for split
+    invariance. The log ratio is clamped to [−20, 20] like every loss here (verl's GSPO
+    clamps only above, at 10; the clipped loss is the same in all non-overflow cases).
+    `pg_clipfrac`: tokens where the clipped term was used; `pg_clipfrac_lower` = 0.
+    """
+    cfg = cfg or PolicyLossConfig()
+    mask = response_mask.bool()
+    log_ratio = log_prob - old_log_prob
+    lengths = mask.sum(dim=-1).clamp(min=1)
+    seq_log_ratio = masked_sum(log_ratio, mask, dim=-1) / lengths
+    token_log_ratio = log_prob - log_prob.detach() + seq_log_ratio.detach().unsqueeze(-1)
+    ratio = token_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    unclipped, clipped, pg_losses = _clipped_surrogate(advantages, ratio, cfg)
+    return _finish(
+        pg_losses, mask, "seq-mean-token-mean", cfg, global_tokens, global_seqs, old_log_prob,
+        rollout_log_prob, _log_ratio(log_prob, old_log_prob),
+        clipfrac=_frac(clipped > unclipped, mask),
+    )
+
+
+@POLICY_LOSSES.register("cispo")
+def cispo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+          cfg=None, global_tokens=None, global_seqs=None, rollout_log_prob=None):
+    """CISPO (MiniMax-M1): L = −sg(clip(r, 1−ε_low, 1+ε_high))·A·log π. The importance
+    weight is clipped and detached instead of the update, so no token loses its
+    gradient. `pg_clipfrac`: tokens whose weight was clipped on either side (verl);
+    `pg_clipfrac_lower` = 0. The paper sets ε_low large (no lower bound) and tunes
+    ε_high."""
+    cfg = cfg or PolicyLossConfig()
+    mask = response_mask.bool()
+    log_ratio = _log_ratio(log_prob, old_log_prob)
+    ratio = log_ratio.exp()
+    weight = ratio.clamp(1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high).detach()
+    pg_losses = -weight * advantages * log_prob
+    return _finish(
+        pg_losses, mask, loss_agg_mode, cfg, global_tokens, global_seqs, old_log_prob,
+        rollout_log_prob, log_ratio, clipfrac=_frac(weight != ratio.detach(), mask),
+    )
+
+
+@POLICY_LOSSES.register("gpg")
+def gpg(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+        cfg=None, global_tokens=None, global_seqs=None, rollout_log_prob=None):
+    """GPG: plain policy gradient L = −A·log π, no ratio, no clipping (pair it with the
+    `gpg` advantage estimator). Both clip fractions are 0."""
+    cfg = cfg or PolicyLossConfig()
+    mask = response_mask.bool()
+    return _finish(
+        -advantages * log_prob, mask, loss_agg_mode, cfg, global_tokens, global_seqs,
+        old_log_prob, rollout_log_prob, _log_ratio(log_prob, old_log_prob),
+    )
+
+
+def _centered_product(advantages, log_prob, mask):
+    """(A − mean A)·(log π − mean log π) over valid tokens: each token's contribution to
+    the covariance that drives entropy collapse (Cui et al., 2025)."""
+    adv = advantages.detach()
+    lp = log_prob.detach()
+    return (adv - masked_mean(adv, mask)) * (lp - masked_mean(lp, mask))
+
+
+@POLICY_LOSSES.register("clip_cov")
+def clip_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+             cfg=None, global_tokens=None, global_seqs=None, rollout_log_prob=None):
+    """Clip-Cov: the PPO clipped loss (no dual clip), except that up to
+    max(1, ⌊clip_cov_ratio · #valid⌋) tokens, drawn at random (global torch RNG, as verl)
+    among the valid tokens not already clipped by PPO whose covariance term lies strictly
+    between clip_cov_lb and clip_cov_ub, get their loss (and gradient) set to 0.
+    `pg_clipfrac`: fraction of tokens cut that way; `pg_clipfrac_lower` = 0."""
+    cfg = cfg or PolicyLossConfig()
+    mask = response_mask.bool()
+    log_ratio = _log_ratio(log_prob, old_log_prob)
+    unclipped, clipped, pg = _clipped_surrogate(advantages, log_ratio.exp(), cfg)
+    cov = _centered_product(advantages, log_prob, mask)
+    candidates = mask & ~(clipped > unclipped) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
+    flat = candidates.flatten().nonzero().squeeze(-1)
+    n_cut = max(int(cfg.clip_cov_ratio * int(mask.sum())), 1)
+    chosen = flat[torch.randperm(flat.numel(), device=flat.device)[:n_cut]]
+    keep = torch.ones(mask.numel(), dtype=pg.dtype, device=pg.device)
+    keep[chosen] = 0
+    keep = keep.view_as(pg)
+    return _finish(
+        pg * keep, mask, loss_agg_mode, cfg, global_tokens, global_seqs, old_log_prob,
+        rollout_log_prob, log_ratio, clipfrac=_frac(keep == 0, mask),
+    )
+
+
+@POLICY_LOSSES.register("kl_cov")
+def kl_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+           cfg=None, global_tokens=None, global_seqs=None, rollout_log_prob=None):
+    """KL-Cov: the UNCLIPPED surrogate −A·r, plus ppo_kl_coef·|log r| on the
+    max(1, ⌊kl_cov_ratio · #valid⌋) valid tokens with the largest covariance term.
+    `pg_clipfrac` reports the fraction of tokens given the penalty (verl reports 0 and
+    puts mean |log r| in its ppo_kl; here ppo_kl keeps its usual meaning)."""
+    cfg = cfg or PolicyLossConfig()
+    mask = response_mask.bool()
+    log_ratio = _log_ratio(log_prob, old_log_prob)
+    pg = -advantages * log_ratio.exp()
+    cov = _centered_product(advantages, log_prob, mask).flatten()
+    valid = mask.flatten().nonzero().squeeze(-1)
+    penalised = torch.zeros(mask.numel(), dtype=torch.bool, device=pg.device)
+    if valid.numel() > 0:
+        k = max(1, int(valid.numel() * cfg.kl_cov_ratio))
+        penalised[valid[cov[valid].topk(k).indices]] = True
+    penalised = penalised.view_as(mask)
+    pg_losses = torch.where(penalised, pg + cfg.ppo_kl_coef * log_ratio.abs(), pg)
+    return _finish(
+        pg_losses, mask, loss_agg_mode, cfg, global_tokens, global_seqs, old_log_prob,
+        rollout_log_prob, log_ratio, clipfrac=_frac(penalised, mask),
+    )
