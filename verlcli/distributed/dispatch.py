@@ -1,0 +1,133 @@
+"""How a worker-group method call is split across ranks and how the answers come back.
+
+A worker class marks its methods with `@register(dispatch=...)`; the group reads the mark and
+turns one driver call into one call per rank:
+
+- ``dp``    the first positional argument (or ``batch=``) is a `Batch`: pad it to a multiple of
+            the world size, split it into equal contiguous chunks, rank r gets chunk r. Batch
+            results are concatenated in rank order and the padding rows are dropped, so the
+            driver gets back exactly one output row per input row, in order. Other results
+            (metrics dicts, None, ...) come back as a list, one per rank.
+- ``all``   every rank gets the same arguments; the list of results comes back.
+- ``rank0`` every rank gets the same arguments (SPMD code must run collectives on all ranks);
+            only rank 0's result comes back.
+
+`collect=` overrides how the results come back: ``"list"``, ``"rank0"``, ``"concat"`` or a
+callable taking the list of per-rank results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from verlcli.data.batch import Batch
+
+DISPATCH_MODES = ("dp", "all", "rank0")
+COLLECT_MODES = ("list", "rank0", "concat")
+_ATTR = "__verl_dispatch__"
+
+
+@dataclass(frozen=True)
+class DispatchSpec:
+    mode: str = "dp"
+    collect: str | Callable[[list], Any] | None = None  # None: the mode's default
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What the split did, so collecting can undo it (padding rows to drop)."""
+
+    mode: str
+    world: int
+    pad: int = 0
+    padded_rows: int = 0
+
+
+def register(fn: Callable | None = None, *, dispatch: str = "dp", collect=None):
+    """Mark a worker method for dispatch by its group. Usable as `@register` or `@register(...)`."""
+    if dispatch not in DISPATCH_MODES:
+        raise ValueError(f"register(dispatch={dispatch!r}): must be one of {DISPATCH_MODES}")
+    if collect is not None and not callable(collect) and collect not in COLLECT_MODES:
+        raise ValueError(f"register(collect={collect!r}): must be a callable or one of {COLLECT_MODES}")
+    spec = DispatchSpec(dispatch, collect)
+
+    def mark(f: Callable) -> Callable:
+        setattr(f, _ATTR, spec)
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
+def registered_methods(cls: type) -> dict[str, DispatchSpec]:
+    """Every registered method of `cls`, by name.
+
+    Walks the MRO from the base down, so a subclass that overrides a registered method without
+    repeating the decorator keeps the base's dispatch contract (a silent switch to "no dispatch"
+    would make the method vanish from the group).
+    """
+    specs: dict[str, DispatchSpec] = {}
+    for klass in reversed(cls.__mro__):
+        for name, attr in vars(klass).items():
+            spec = getattr(attr, _ATTR, None)
+            if isinstance(spec, DispatchSpec):
+                specs[name] = spec
+    return specs
+
+
+def split_call(spec: DispatchSpec, world: int, args: tuple, kwargs: dict, method: str):
+    """One (args, kwargs) per rank, plus the plan `collect_results` needs."""
+    if spec.mode != "dp":
+        return [(args, kwargs)] * world, CallPlan(spec.mode, world)
+    batch, put_back = _find_batch(args, kwargs, method)
+    padded, pad = batch.pad_to_divisor(world)
+    chunks = padded.split(world)
+    per_rank = [put_back(chunk) for chunk in chunks]
+    return per_rank, CallPlan("dp", world, pad, len(padded))
+
+
+def _find_batch(args: tuple, kwargs: dict, method: str):
+    if args and isinstance(args[0], Batch):
+        return args[0], lambda chunk: ((chunk, *args[1:]), kwargs)
+    if not args and isinstance(kwargs.get("batch"), Batch):
+        return kwargs["batch"], lambda chunk: (args, {**kwargs, "batch": chunk})
+    got = type(args[0]).__name__ if args else "no positional argument"
+    raise TypeError(
+        f"{method}() is registered with dispatch='dp', so its first argument must be a Batch "
+        f"(got {got}); register it with dispatch='all' or 'rank0' to pass other arguments"
+    )
+
+
+def collect_results(spec: DispatchSpec, plan: CallPlan, results: list, method: str):
+    """Turn the per-rank results (in rank order) into what the driver gets back."""
+    collect = spec.collect
+    if callable(collect):
+        return collect(results)
+    if collect == "list":
+        return list(results)
+    if collect == "rank0" or (collect is None and plan.mode == "rank0"):
+        return results[0]
+    if collect == "concat" or (collect is None and plan.mode == "dp"):
+        if results and all(isinstance(r, Batch) for r in results):
+            return _concat_unpad(results, plan, method)
+        if collect == "concat":
+            kinds = sorted({type(r).__name__ for r in results})
+            raise TypeError(f"{method}(): collect='concat' needs a Batch from every rank, got {kinds}")
+    return list(results)
+
+
+def _concat_unpad(results: list[Batch], plan: CallPlan, method: str) -> Batch:
+    out = Batch.concat(results)
+    if plan.mode != "dp" or plan.pad == 0:
+        return out
+    # The padding rows are the last `pad` input rows (pad_to_divisor appends them and split is
+    # contiguous). A method may return k rows per input row (e.g. n samples per prompt, each
+    # prompt's samples kept together); then the last k * pad output rows are padding.
+    rows = len(out)
+    if rows % plan.padded_rows:
+        raise ValueError(
+            f"{method}(): the ranks returned {rows} rows for {plan.padded_rows} input rows "
+            f"(incl. {plan.pad} padding rows), not a whole multiple, so the padding cannot be "
+            "removed; return k rows per input row, or send a batch divisible by the world size"
+        )
+    return out.unpad(plan.pad * (rows // plan.padded_rows))

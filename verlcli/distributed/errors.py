@@ -1,0 +1,99 @@
+"""WorkerError: a failed or hung worker call, described by its real cause.
+
+Ray's own messages ("The actor died unexpectedly before finishing this task") hide what
+happened: which role, which rank, which method, and whether the process ran out of memory.
+`WorkerError` says all four and the fix, in a few lines the driver can print as-is.
+"""
+
+from __future__ import annotations
+
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+OOM_FIX = (
+    "lower actor.micro_batch_sequences_per_device / critic.micro_batch_sequences_per_device, "
+    "set actor.offload_params=true actor.offload_optimizer=true, or use fewer workers per node "
+    "(resources.devices_per_node)"
+)
+
+
+class WorkerError(RuntimeError):
+    """A worker-group call failed on a rank, a worker process died, or the call hung."""
+
+    def __init__(self, group: str, method: str, rank: int | None, cause: str, fix: str | None = None):
+        self.group = group
+        self.method = method
+        self.rank = rank
+        self.cause = cause
+        self.fix = fix
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        where = f"rank {self.rank}" if self.rank is not None else "all ranks"
+        text = f"worker group '{self.group}', {where}, method '{self.method}': {self.cause}"
+        return f"{text}\n  fix: {self.fix}" if self.fix else text
+
+
+def last_lines(text: str, n: int = 12) -> str:
+    """The last n meaningful lines: no colour codes, no `^^^^` marker lines, no Ray banner."""
+    lines = []
+    for ln in _ANSI.sub("", str(text)).strip().splitlines():
+        bare = ln.strip()
+        if not bare or set(bare) <= set("^~ ") or bare.startswith("ray::"):
+            continue
+        lines.append(ln)
+    return "\n".join(lines[-n:])
+
+
+def from_task_error(group: str, method: str, rank: int, err) -> WorkerError:
+    """The worker's method raised: show the tail of the remote traceback (it ends in the message)."""
+    tb = getattr(err, "traceback_str", None) or str(err)
+    cause = getattr(err, "cause", None)
+    head = f"{type(cause).__name__}: {cause}" if cause is not None else "the method raised"
+    return WorkerError(group, method, rank, f"{head}\n  remote traceback (last lines):\n{_indent(last_lines(tb))}")
+
+
+def from_actor_died(group: str, method: str, rank: int, err) -> WorkerError:
+    """The worker process is gone. Say whether memory looks like the reason, and what to do."""
+    text = str(err)
+    low = text.lower()
+    # The first two phrases are the raylet's memory-monitor kill note.
+    if "low on memory" in low or "memory on the node" in low or type(err).__name__ == "OutOfMemoryError":
+        verdict = "the worker process was killed by Ray's memory monitor (out of host memory)"
+        fix = OOM_FIX
+    elif "sigkill" in low or "oom" in low or "memory" in low:
+        # Ray adds "may have been killed by SIGKILL by OOM killer" to every unexplained exit.
+        verdict = ("the worker process died without a Python traceback; this usually means the "
+                   "kernel OOM killer (check `dmesg | grep -i oom`) or a crash in native code")
+        fix = OOM_FIX + "; if memory was fine, look for a segfault in the worker's log above"
+    else:
+        verdict = "the worker process died"
+        fix = "see the worker's log above (Ray forwards it to the driver)"
+    return WorkerError(group, method, rank, f"{verdict}\n  Ray says: {_death_detail(text)}", fix)
+
+
+def _death_detail(text: str) -> str:
+    """Ray's death note without its boilerplate: pid, ip and the exit detail."""
+    text = _ANSI.sub("", text)
+    where = dict(re.findall(r"^\s*(pid|ip): (\S+)", text, flags=re.M))
+    start = text.find("The actor is dead because")
+    body = text[start:] if start >= 0 else last_lines(text, 3)
+    body = " ".join(body.split("Some common causes")[0].split())
+    place = f" (pid {where['pid']} on {where.get('ip', '?')})" if "pid" in where else ""
+    return body[:600] + place
+
+
+def hang_error(group: str, method: str, timeout_s: float, pending: list[int], done: list[int]) -> WorkerError:
+    cause = (
+        f"no answer within {timeout_s:g} s from ranks {pending} (ranks {done or 'none'} finished): "
+        "possible collective hang — ranks that disagree on the number of collectives (e.g. "
+        "different micro-batch counts), or a rank stuck after another rank failed"
+    )
+    fix = ("raise VERL_WORKER_TIMEOUT_S if the step is just slow; otherwise the group is "
+           "unusable now — shut it down and look at the stuck ranks' logs")
+    return WorkerError(group, method, None, cause, fix)
+
+
+def _indent(text: str, pad: str = "    ") -> str:
+    return "\n".join(pad + ln for ln in text.splitlines())

@@ -1,0 +1,195 @@
+"""Ray start-up and resource pools (placement groups) that worker groups live on.
+
+A resource pool reserves one bundle per device: ``{"GPU": 1, "CPU": c}`` on GPU machines,
+``{"CPU": c}`` on CPU. It is one STRICT_PACK placement group per node, so rank r always lands
+on node r // devices_per_node and LOCAL_RANK means what it says.
+
+Colocation (verl's hybrid engine + colocated critic): several worker groups share one pool.
+Each of their actors asks for 1 / max_colocate of its bundle (fractional GPU and CPU), so
+up to `max_colocate` groups fit on the same devices, rank r of every group on bundle r. A group
+that gets its own pool (`placement_group="separate"`) asks for whole bundles.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from verlcli.errors import UserError
+
+try:  # the local launcher must work without Ray
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+except ImportError:  # pragma: no cover
+    ray = None
+
+PG_TIMEOUT_ENV = "VERL_PLACEMENT_TIMEOUT_S"
+
+
+def require_ray():
+    if ray is None:
+        raise UserError("launcher=ray needs the 'ray' package", fix="pip install 'ray>=2.40', or use launcher=local")
+    return ray
+
+
+def worker_env(extra: dict | None = None) -> dict[str, str]:
+    """Environment variables every worker process needs, on every node.
+
+    Ray worker processes on other nodes do not inherit the driver's environment, so the
+    settings that decide threading and vLLM's mode travel with the job, plus a PYTHONPATH
+    that makes this checkout's `verlcli` importable.
+    """
+    keep = ("OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE",
+            "VERL_DIST_TIMEOUT_S", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    root = str(Path(__file__).resolve().parents[2])
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
+
+
+def _running_cluster_address() -> str | None:
+    """RAY_ADDRESS, or the cluster `ray start --head` left on this machine; None if neither."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        return get_ray_address_from_environment(None, None)
+    except Exception:  # private API moved: fall back to the file `ray start` writes
+        marker = Path("/tmp/ray/ray_current_cluster")
+        if not marker.exists():
+            return None
+        return marker.read_text().strip() or None
+
+
+def ray_init(num_cpus: int | None = None, env: dict | None = None, address: str | None = None) -> None:
+    """Connect to a running Ray cluster, or start a private one on this machine.
+
+    address None: RAY_ADDRESS or a cluster from `ray start --head` if there is one (multi-node
+    is Ray's job), else a new local instance with `num_cpus`. address "local": always a new
+    local instance (tests, and not stepping on someone else's cluster).
+    """
+    require_ray()
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": worker_env(env)}
+    found = None if address == "local" else (address or _running_cluster_address())
+    if found:
+        # An existing cluster has its own resource counts; num_cpus is not allowed here.
+        ray.init(address=found, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env=runtime_env)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when the Ray cluster (or this process) has a GPU, else 'cpu'."""
+    if device != "auto":
+        return device
+    if ray is not None and ray.is_initialized():
+        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class ResourcePool:
+    """Bundles for `world_size` ranks on `len(pgs)` nodes; share it to colocate groups."""
+
+    pgs: list
+    devices_per_node: int
+    device: str
+    cpus_per_worker: float
+    max_colocate: int
+    world_size: int
+    users: list[str] = field(default_factory=list)
+
+    def scheduling(self, rank: int) -> dict:
+        """Ray actor options that put rank `rank` on its bundle with a 1/max_colocate share."""
+        if rank >= self.world_size:
+            raise UserError(
+                f"a worker group wants rank {rank}, but the resource pool has only {self.world_size} bundles",
+                fix="build the pool with nodes × devices_per_node >= the group's world size",
+            )
+        share = 1.0 / self.max_colocate
+        pg = self.pgs[rank // self.devices_per_node]
+        opts = {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=rank % self.devices_per_node
+            ),
+            "num_cpus": self.cpus_per_worker * share,
+            "num_gpus": share if self.device == "cuda" else 0,
+        }
+        return opts
+
+    def remove(self) -> None:
+        for pg in self.pgs:
+            try:
+                remove_placement_group(pg)
+            except Exception:  # already gone with the cluster
+                pass
+        self.pgs = []
+
+
+def resource_pool(
+    nodes: int = 1,
+    devices_per_node: int = 1,
+    device: str = "cpu",
+    cpus_per_worker: float = 1.0,
+    max_colocate: int = 3,
+    world_size: int | None = None,
+) -> ResourcePool:
+    """Reserve one bundle per device, one STRICT_PACK placement group per node, and wait for it.
+
+    max_colocate: how many groups may share each bundle (actor/rollout/ref + critic + reward
+    model = 3). world_size: fewer ranks than nodes × devices_per_node (the last node partly used).
+    """
+    require_ray()
+    device = resolve_device(device)
+    world = nodes * devices_per_node if world_size is None else world_size
+    _check_fits(world, device, cpus_per_worker)
+    bundle = {"CPU": float(cpus_per_worker)} | ({"GPU": 1.0} if device == "cuda" else {})
+    counts = [min(devices_per_node, world - i) for i in range(0, world, devices_per_node)]
+    pgs = [placement_group([dict(bundle) for _ in range(n)], strategy="STRICT_PACK") for n in counts]
+    timeout = float(os.environ.get(PG_TIMEOUT_ENV, "120"))
+    for i, pg in enumerate(pgs):
+        if not pg.wait(timeout_seconds=timeout):
+            for p in pgs:
+                remove_placement_group(p)
+            raise UserError(
+                f"Ray could not reserve node {i}'s {counts[i]} × {bundle} within {timeout:g} s "
+                f"(cluster free: {_fmt(ray.available_resources())})",
+                fix="lower resources.devices_per_node / nodes / cpus_per_worker, add nodes with "
+                f"`ray start --address ...`, or stop other Ray jobs (wait longer: {PG_TIMEOUT_ENV})",
+            )
+    return ResourcePool(pgs, devices_per_node, device, float(cpus_per_worker), max_colocate, world)
+
+
+def _check_fits(world: int, device: str, cpus_per_worker: float) -> None:
+    """Fail now, with the numbers, when the cluster can never hold the pool (not just busy)."""
+    total = ray.cluster_resources()
+    need = {"CPU": world * cpus_per_worker} | ({"GPU": float(world)} if device == "cuda" else {})
+    short = {k: v for k, v in need.items() if total.get(k, 0) + 1e-9 < v}
+    if short:
+        have = {k: total.get(k, 0) for k in short}
+        raise UserError(
+            f"{world} workers need {_fmt(short)} but the Ray cluster has {_fmt(have)}",
+            fix="lower resources.nodes × devices_per_node or resources.cpus_per_worker, or start "
+            "Ray with more resources (num_cpus / more nodes)",
+        )
+
+
+def _fmt(res: dict) -> str:
+    keep = {k: (int(v) if float(v).is_integer() else round(v, 2)) for k, v in res.items() if k in ("CPU", "GPU")}
+    return ", ".join(f"{v} {k}" for k, v in sorted(keep.items())) or "nothing"
+
+
+def nodes_for(world_size: int, devices_per_node: int) -> int:
+    return max(1, math.ceil(world_size / devices_per_node))

@@ -1,0 +1,125 @@
+"""Worker: what runs on one device (a GPU, or one CPU rank) inside a worker group.
+
+The constructor joins the group's torch.distributed world (gloo on CPU, NCCL on GPU), then
+calls `setup(**kwargs)`, where a role builds its model, optimizer and rollout engine. Methods
+marked with `@register` are what the driver calls through the group.
+
+The process group is never destroyed here: an in-process vLLM engine shares the default
+process group, and shutting that engine down tears the group down too (DESIGN.md facts), so a
+second `destroy_process_group()` would fail or hang. Subclasses release their own resources in
+`shutdown()`, the engine last.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    """This host's address as other nodes see it (Ray's view when Ray is up)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
+
+class Worker:
+    """Base class of every role. Subclasses put their set-up in `setup(**kwargs)`."""
+
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+        device: str = "cpu",
+        local_rank: int | None = None,
+        **kwargs,
+    ):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"Worker(device={device!r}): must be 'cpu' or 'cuda'")
+        self.rank = rank
+        self.world_size = world_size
+        self.device_type = device
+        self.local_rank = rank if local_rank is None else local_rank
+        self.owns_process_group = self._init_distributed(master_addr, master_port or free_port())
+        self.setup(**kwargs)
+
+    # ------------------------------------------------------------ for subclasses
+    def setup(self, **kwargs) -> None:
+        """Build the role (model, optimizer, engine). Runs on every rank at the same time."""
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.setup() got unexpected arguments {sorted(kwargs)}")
+
+    def shutdown(self) -> None:
+        """Release what setup() made (an in-process rollout engine last). Default: nothing."""
+
+    @property
+    def device(self) -> torch.device:
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------ plumbing
+    def _init_distributed(self, master_addr: str, master_port: int) -> bool:
+        """Join the world; False when this process already has one (e.g. a 2nd local group)."""
+        os.environ.update(
+            MASTER_ADDR=str(master_addr),
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+        )
+        if self.device_type == "cuda":
+            # Ray gives each actor one visible GPU (index 0); torchrun-style launches see all.
+            torch.cuda.set_device(self.local_rank % max(torch.cuda.device_count(), 1))
+        if dist.is_initialized():
+            if dist.get_world_size() != self.world_size:
+                raise RuntimeError(
+                    f"this process already has a torch.distributed world of size "
+                    f"{dist.get_world_size()}, but the worker needs {self.world_size}"
+                )
+            return False
+        # On GPU, NCCL carries CUDA tensors and gloo carries CPU ones (offloaded state,
+        # object collectives), so code can use either without building a second group.
+        backend = "cpu:gloo,cuda:nccl" if self.device_type == "cuda" else "gloo"
+        timeout = os.environ.get("VERL_DIST_TIMEOUT_S")
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{_url_host(master_addr)}:{master_port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=float(timeout)) if timeout else None,
+        )
+        return True
+
+    def _verl_info(self) -> dict:
+        """Where this worker lives; the group uses it for error messages and tests."""
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(self.device),
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+        }
+
+
+def _url_host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
