@@ -34,7 +34,7 @@ def run_rl(cfg) -> dict:
         progress = Progress(cfg.trainer.total_steps, start, enabled=cfg.logging.progress_bar)
         for step in range(start + 1, cfg.trainer.total_steps + 1):
             timer = Timer()
-            batch = to_prompt_batch(cfg, w.loader.next(), w.tokenizer, repeat=cfg.rollout.n, validation=False, step=step)
+            batch = to_prompt_batch(cfg, w.loader.next_batch(), w.tokenizer, repeat=cfg.rollout.n, validation=False, step=step)
             with timer("gen"):
                 batch = w.actor.generate(batch)
             with timer("reward"):

@@ -97,30 +97,36 @@ def build(cfg, device: str, run: Path) -> RunState:
     if d.val_files:
         val = list(load_rl_dataset(d.val_files, tok, **ds_kw))
         val = val[: d.val_prompts] if d.val_prompts else val
+    env = worker_env(cfg, device)
     started_ray = False
     if cfg.launcher == "ray":
-        started_ray = ray_init()
-    env = worker_env(cfg, device)
+        import ray
+
+        started_ray = not ray.is_initialized()
+        ray_init(env=env)
     roles = ["actor", "rollout"] + (["ref"] if cfg.use_reference else [])
     separate = cfg.use_critic and cfg.critic.placement == "separate"
     if cfg.use_critic and not separate:
         roles.append("critic")
-    kw = dict(world_size=cfg.world_size, resources=cfg.resources, device=device, env=env)
-    setup_kw = dict(cfg=cfg.model_dump(mode="json"), total_steps=cfg.trainer.total_steps)
-    actor = make_worker_group(cfg.launcher, HybridWorker, name="actor", **kw)
+    resources = {**cfg.resources.model_dump(), "device": device}
+    kw = dict(world_size=cfg.world_size, resources=resources, env=env)
+    cfg_dict = cfg.model_dump(mode="json")
+    setup_kw = dict(cfg=cfg_dict, total_steps=cfg.trainer.total_steps)
+    # Workers build their models in setup(), all ranks at once (process-group and vLLM
+    # start-up are collectives).
+    actor = make_worker_group(cfg.launcher, HybridWorker, name="actor", init_kwargs={**setup_kw, "roles": roles}, **kw)
     groups = [actor]
     critic = actor if cfg.use_critic and not separate else None
     if separate:
-        critic = make_worker_group(cfg.launcher, HybridWorker, name="critic", **kw)
+        critic = make_worker_group(cfg.launcher, HybridWorker, name="critic", placement_group="separate",
+                                   init_kwargs={**setup_kw, "roles": ["critic"]}, **kw)
         groups.append(critic)
-        critic.setup(roles=["critic"], **setup_kw)
-    actor.setup(roles=roles, **setup_kw)
     reward_model = None
     if cfg.reward.model.path:
         from verlcli.workers.reward_model import RewardModelWorker
 
-        reward_model = make_worker_group(cfg.launcher, RewardModelWorker, name="reward_model", **kw)
-        reward_model.setup(cfg=cfg.model_dump(mode="json"))
+        reward_model = make_worker_group(cfg.launcher, RewardModelWorker, name="reward_model",
+                                         init_kwargs={"cfg": cfg_dict}, **kw)
         groups.append(reward_model)
     scorer = RewardScorer(cfg.reward.fn, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.workers)
     k = cfg.algorithm.kl_ctrl

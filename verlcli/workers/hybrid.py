@@ -20,7 +20,6 @@ from verlcli.workers.losses import actor_micro_loss, critic_micro_loss, mean_met
 
 
 class HybridWorker(Worker):
-    @register(dispatch="all")
     def setup(self, cfg: dict, roles: list[str], total_steps: int):
         from verlcli.config.schema import Config
         from verlcli.engine import FSDPEngine
@@ -32,7 +31,7 @@ class HybridWorker(Worker):
         path = str(resolve_model(cfg.model.path))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        common = dict(device=self.device, compute_dtype=cfg.resources.compute_dtype,
+        common = dict(device=self.device_type, compute_dtype=cfg.resources.compute_dtype,
                       gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.trainer.seed)
         opt_steps = total_steps * (cfg.data.train_prompts_per_step // cfg.actor.mini_batch_prompts) * cfg.actor.epochs
         self.actor = self.ref = self.critic = self.rollout = None
@@ -62,14 +61,14 @@ class HybridWorker(Worker):
         r, d = self.cfg.rollout, self.cfg.data
         dtype = r.dtype
         if dtype == "auto":
-            dtype = "bfloat16" if resolve_compute_dtype(self.device, self.cfg.resources.compute_dtype) == torch.bfloat16 else "float32"
+            dtype = "bfloat16" if resolve_compute_dtype(self.device_type, self.cfg.resources.compute_dtype) == torch.bfloat16 else "float32"
         self.rollout = make_rollout(
-            r.engine, path, device=self.device, dtype=dtype,
+            r.engine, path, device=self.device_type, dtype=dtype,
             max_model_len=d.max_prompt_tokens + d.max_response_tokens + 8,
             seed=self.cfg.trainer.seed + self.rank, gpu_memory_utilization=r.gpu_memory_utilization,
-            cpu_kvcache_gb=r.cpu_kvcache_gb, enable_sleep=self.device == "cuda" and r.free_cache_engine,
+            cpu_kvcache_gb=r.cpu_kvcache_gb, enable_sleep=self.device_type == "cuda" and r.free_cache_engine,
         )
-        if self.device == "cuda" and r.free_cache_engine:
+        if self.device_type == "cuda" and r.free_cache_engine:
             self.rollout.sleep()
 
     @register(dispatch="all")
@@ -78,7 +77,7 @@ class HybridWorker(Worker):
         t0 = time.perf_counter()
         state = self.actor.full_state_dict()
         gather_s = time.perf_counter() - t0
-        if self.device == "cuda" and self.cfg.rollout.free_cache_engine:
+        if self.device_type == "cuda" and self.cfg.rollout.free_cache_engine:
             self.rollout.wake()
         stats = self.rollout.sync_weights(state)
         del state
@@ -94,10 +93,10 @@ class HybridWorker(Worker):
                             max_tokens=self.cfg.data.max_response_tokens, stop=list(self.cfg.rollout.stop),
                             seed=m.get("seed"))
         prompts = [list(p) for p in batch["prompt_ids"]]
-        if self.device == "cuda" and self.cfg.rollout.free_cache_engine:
+        if self.device_type == "cuda" and self.cfg.rollout.free_cache_engine:
             self.rollout.wake()
         outs = self.rollout.generate(prompts, spec)
-        if self.device == "cuda" and self.cfg.rollout.free_cache_engine:
+        if self.device_type == "cuda" and self.cfg.rollout.free_cache_engine:
             self.rollout.sleep()
         rows = seq.build_rows(prompts, [o.response_ids for o in outs], [o.logprobs for o in outs], self.pad_id,
                               self.cfg.data.max_prompt_tokens, self.cfg.data.max_response_tokens)
@@ -183,7 +182,7 @@ class HybridWorker(Worker):
         import resource
 
         out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        if self.device == "cuda":
+        if self.device_type == "cuda":
             out["mem/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return out
 

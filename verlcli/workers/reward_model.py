@@ -15,7 +15,6 @@ from verlcli.distributed import Worker, register
 
 
 class RewardModelWorker(Worker):
-    @register(dispatch="all")
     def setup(self, cfg: dict):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -30,7 +29,7 @@ class RewardModelWorker(Worker):
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "right"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        dtype = torch.bfloat16 if self.device_type == "cuda" else torch.float32
         self.model = AutoModelForSequenceClassification.from_pretrained(str(rm_path), num_labels=1, dtype=dtype)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id

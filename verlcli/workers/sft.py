@@ -1,0 +1,143 @@
+"""The SFT worker: one FSDP2 engine per data-parallel rank, trained on assistant tokens.
+
+The driver sends each step's samples as a `Batch` whose non-tensor columns `input_ids` and
+`loss_mask` hold one token list per sample; `dp` dispatch gives every rank the same number
+of samples. A rank cuts its share into micro-batches of `sft.micro_batch_sequences_per_device`
+samples (packed into rows or right-padded, see verlcli.data.packing), so every rank runs the
+same number of forward/backward passes — FSDP's collectives need that.
+
+Loss: the mean over every loss token of the step on ALL ranks. Each micro-batch contributes
+sum(CE) / global_tokens, times world_size because FSDP averages gradients over ranks; so the
+gradient is that of the exact global token mean however the batch is split or packed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from verlcli.data.batch import Batch
+from verlcli.data.packing import build_micro_batch
+from verlcli.distributed import Worker, register
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of cross-entropy over the masked positions, number of them), in fp32.
+
+    Only the masked positions go through the fp32 log-softmax: no [rows, width, vocab]
+    fp32 copy of the logits (large vocabularies make that the biggest tensor of a step).
+    """
+    keep = target_mask.to(logits.device) > 0
+    n = int(keep.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0  # still part of the graph: backward stays a collective on every rank
+    picked = logits[keep].float()
+    return F.cross_entropy(picked, targets.to(logits.device)[keep], reduction="sum"), n
+
+
+def samples_of(batch: Batch) -> list[dict]:
+    return [{"input_ids": ids, "loss_mask": mask} for ids, mask in zip(batch["input_ids"], batch["loss_mask"])]
+
+
+class SFTWorker(Worker):
+    @register(dispatch="all")
+    def setup(self, cfg: dict | None = None, total_steps: int = 0) -> dict | None:
+        """Build the engine. Without `cfg` (a bare group start) nothing happens yet."""
+        if cfg is None:
+            return None
+        from transformers import AutoTokenizer
+
+        from verlcli.config.schema import Config
+        from verlcli.engine import FSDPEngine
+        from verlcli.models.resolve import resolve_model
+
+        self.cfg = cfg = Config.model_validate(cfg)
+        path = str(resolve_model(cfg.model.path))
+        tok = AutoTokenizer.from_pretrained(path)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.engine = FSDPEngine(
+            path, kind="causal_lm", optim=cfg.sft.optim, total_optimizer_steps=total_steps,
+            device=self.device_type, compute_dtype=cfg.resources.compute_dtype,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            lora=cfg.model.lora if cfg.model.lora.rank else None, seed=cfg.trainer.seed,
+        )
+        trainable = sum(p.numel() for p in self.engine.trainable)
+        total = sum(p.numel() for p in self.engine.model.parameters())
+        # Sharded parameters count this rank's shard only: sum over ranks for the model's size.
+        return {"trainable_params": self.engine.all_reduce_sum(trainable),
+                "total_params": self.engine.all_reduce_sum(total)}
+
+    def _micro_batches(self, samples: list[dict], size: int) -> list[dict]:
+        s = self.cfg.sft
+        return [build_micro_batch(samples[i:i + size], self.pad_id, s.packing, s.max_length_tokens)
+                for i in range(0, len(samples), size)]
+
+    def _logits(self, mb: dict) -> torch.Tensor:
+        # attention_mask is None for packed rows: transformers then derives the
+        # block-diagonal causal mask from the position ids (see verlcli.data.packing).
+        return self.engine.forward_logits(mb["input_ids"], mb["attention_mask"], mb["position_ids"])
+
+    @register(dispatch="dp")
+    def train_step(self, batch: Batch) -> dict:
+        """One optimizer step over this rank's samples; metrics are global (same on every rank)."""
+        engine = self.engine
+        micro = self._micro_batches(samples_of(batch), self.cfg.sft.micro_batch_sequences_per_device)
+        local_tokens = sum(int(mb["target_mask"].sum()) for mb in micro)
+        global_tokens = max(engine.all_reduce_sum(local_tokens), 1.0)
+        loss_sum = 0.0
+        for mb in micro:
+            ce_sum, _ = token_loss_sum(self._logits(mb), mb["targets"], mb["target_mask"])
+            engine.backward(ce_sum / global_tokens * engine.world_size)  # FSDP averages over ranks
+            loss_sum += float(ce_sum.detach())
+        stats = engine.step()
+        tokens = sum(mb["tokens"] for mb in micro)
+        slots = sum(mb["slots"] for mb in micro)
+        return {
+            "train/loss": engine.all_reduce_sum(loss_sum) / global_tokens,
+            "train/lr": stats["lr"],
+            "train/grad_norm": stats["grad_norm"],
+            "train/skipped_steps": stats.get("skipped", 0.0),
+            "train/loss_tokens": global_tokens,
+            # Real tokens per token slot computed: what packing buys (1.0 = no padding).
+            "perf/padding_efficiency": tokens / max(slots, 1),
+        }
+
+    @register(dispatch="dp")
+    def eval_loss(self, batch: Batch) -> dict:
+        """This rank's {sum, count} of the token cross-entropy; the driver adds the ranks up."""
+        model = self.engine.model
+        was_training = model.training
+        model.train(False)  # no dropout in validation
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                # No gradients or optimizer state to hold: twice the training micro-batch fits.
+                for mb in self._micro_batches(samples_of(batch), 2 * self.cfg.sft.micro_batch_sequences_per_device):
+                    s, n = token_loss_sum(self._logits(mb), mb["targets"], mb["target_mask"])
+                    total, count = total + float(s), count + n
+        finally:
+            model.train(was_training)
+        return {"sum": total, "count": count}
+
+    # ------------------------------------------------------------------ checkpoints
+    # Under checkpoints/step_N/actor/, as RL runs write them: `verl merge-checkpoint` reads both.
+
+    @register(dispatch="all")
+    def save_checkpoint(self, step_dir: str, extra: dict) -> bool:
+        self.engine.save_checkpoint(os.path.join(step_dir, "actor"), extra)
+        return True
+
+    @register(dispatch="rank0")
+    def load_checkpoint(self, step_dir: str) -> dict:
+        return self.engine.load_checkpoint(os.path.join(step_dir, "actor"))
+
+    @register(dispatch="rank0")
+    def memory(self) -> dict:
+        import resource
+
+        out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        if self.device_type == "cuda":
+            out["mem/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
