@@ -112,8 +112,8 @@ class SFTRun:
         world = self.cfg.world_size
         # Pad to a multiple of the world size with loss-free copies: they cost a forward but
         # count for nothing (dispatch's own padding would repeat real samples and count them twice).
-        pad = [{"input_ids": items[i % len(items)]["input_ids"], "loss_mask": [0] * len(items[i % len(items)]["input_ids"])}
-               for i in range((-len(items)) % world)]
+        fillers = [items[i % len(items)]["input_ids"] for i in range((-len(items)) % world)]
+        pad = [{"input_ids": ids, "loss_mask": [0] * len(ids)} for ids in fillers]
         parts = self.group.eval_loss(to_sample_batch(items + pad))
         total, count = sum(p["sum"] for p in parts), sum(p["count"] for p in parts)
         return {"val/loss": total / max(count, 1), "val/loss_tokens": float(count)}

@@ -22,8 +22,9 @@ def to_prompt_batch(cfg, items: list[dict], tokenizer, repeat: int, validation: 
             "extra_info": [it.get("extra_info") or {} for it in items],
             "uid": [f"{'val' if validation else step}-{i}" for i in range(len(items))],
         },
-        meta={"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-              "seed": cfg.trainer.seed * 100003 + step},
+        # No per-request seed: identical prompts with one seed would get identical samples,
+        # and a GRPO group would have nothing to compare. Engines seed their own stream.
+        meta={"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k},
     )
     return batch.repeat(repeat, interleave=True)
 

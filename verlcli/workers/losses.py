@@ -30,17 +30,17 @@ def actor_micro_loss(engine, micro, cfg, g_tokens: int, g_seqs: int):
                          cfg=pl_cfg, **agg)
     loss = pg_loss
     metrics = {k: float(v) for k, v in m.items()}
-    metrics["pg_loss"] = float(pg_loss)
+    metrics["pg_loss"] = float(pg_loss.detach())
     if entropy is not None:
         ent = agg_loss(entropy, mask, **agg)
-        metrics["entropy"] = float(ent)
+        metrics["entropy"] = float(ent.detach())
         if a.entropy_coeff:
             loss = loss - a.entropy_coeff * ent
     if a.use_kl_loss:
         kl = kl_penalty(logp, seq.cut(micro["ref_log_probs"], r), a.kl_loss_type)
         kl_loss = agg_loss(kl, mask, **agg)
         loss = loss + a.kl_loss_coef * kl_loss
-        metrics["kl_loss"] = float(kl_loss)
+        metrics["kl_loss"] = float(kl_loss.detach())
     # Per-micro-batch values are fractions of the global mean: summed later, not averaged.
     return loss, {f"sum:{k}" if k in ("pg_loss", "entropy", "kl_loss") else k: v for k, v in metrics.items()}
 
@@ -53,7 +53,7 @@ def critic_micro_loss(engine, micro, cfg, g_tokens: int, g_seqs: int):
     loss, m = value_loss(vpreds, seq.cut(micro["values"], r), seq.cut(micro["returns"], r), mask,
                          c.cliprange_value, c.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs)
     metrics = {k: float(v) for k, v in m.items()}
-    metrics["sum:vf_loss"] = float(loss)
+    metrics["sum:vf_loss"] = float(loss.detach())
     return loss, metrics
 
 

@@ -63,11 +63,9 @@ class SFTWorker(Worker):
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             lora=cfg.model.lora if cfg.model.lora.rank else None, seed=cfg.trainer.seed,
         )
-        trainable = sum(p.numel() for p in self.engine.trainable)
-        total = sum(p.numel() for p in self.engine.model.parameters())
-        # Sharded parameters count this rank's shard only: sum over ranks for the model's size.
-        return {"trainable_params": self.engine.all_reduce_sum(trainable),
-                "total_params": self.engine.all_reduce_sum(total)}
+        # FSDP2 parameters are DTensors: numel() is the full (unsharded) size on every rank.
+        return {"trainable_params": sum(p.numel() for p in self.engine.trainable),
+                "total_params": sum(p.numel() for p in self.engine.model.parameters())}
 
     def _micro_batches(self, samples: list[dict], size: int) -> list[dict]:
         s = self.cfg.sft
