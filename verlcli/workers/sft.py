@@ -3,8 +3,8 @@
 The driver sends each step's samples as a `Batch` whose non-tensor columns `input_ids` and
 `loss_mask` hold one token list per sample; `dp` dispatch gives every rank the same number
 of samples. A rank cuts its share into micro-batches of `sft.micro_batch_sequences_per_device`
-samples (packed into rows or right-padded, see verlcli.data.packing), so every rank runs the
-same number of forward/backward passes — FSDP's collectives need that.
+samples (packed into rows with a block-diagonal mask, or right-padded: verlcli.data.packing),
+so every rank runs the same number of forward/backward passes — FSDP's collectives need that.
 
 Loss: the mean over every loss token of the step on ALL ranks. Each micro-batch contributes
 sum(CE) / global_tokens, times world_size because FSDP averages gradients over ranks; so the
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from verlcli.data.batch import Batch
-from verlcli.data.packing import build_micro_batch
+from verlcli.data.packing import block_causal_mask, build_micro_batch
 from verlcli.distributed import Worker, register
 
 
@@ -73,9 +73,10 @@ class SFTWorker(Worker):
                 for i in range(0, len(samples), size)]
 
     def _logits(self, mb: dict) -> torch.Tensor:
-        # attention_mask is None for packed rows: transformers then derives the
-        # block-diagonal causal mask from the position ids (see verlcli.data.packing).
-        return self.engine.forward_logits(mb["input_ids"], mb["attention_mask"], mb["position_ids"])
+        mask = mb["attention_mask"]
+        if mask is None:  # packed rows: block-diagonal causal, additive, in the compute dtype
+            mask = block_causal_mask(mb["position_ids"], self.engine.compute_dtype)
+        return self.engine.forward_logits(mb["input_ids"], mask, mb["position_ids"])
 
     @register(dispatch="dp")
     def train_step(self, batch: Batch) -> dict:
