@@ -175,7 +175,6 @@ class SFTConfig(Section):
     batch_sequences: int = Field(8, ge=1, description="Samples per optimizer step (all devices).")
     micro_batch_sequences_per_device: int = Field(4, ge=1)
     packing: bool = Field(False, description="Pack samples into rows without cross-attention.")
-    epochs: int = Field(1, ge=1)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="cosine"))
 
 

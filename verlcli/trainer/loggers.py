@@ -15,6 +15,7 @@ from rich.console import Console
 CONSOLE_KEYS = [
     "score/mean", "val/score/mean", "response/length_mean", "actor/entropy", "actor/ppo_kl",
     "actor/pg_clipfrac", "actor/grad_norm", "rollout/logprob_gap_mean", "timing/step_s", "perf/gen_tokens_per_s",
+    "train/loss", "val/loss", "train/grad_norm", "train/lr", "perf/tokens_per_s",
 ]
 
 

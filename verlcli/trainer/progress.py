@@ -20,7 +20,7 @@ class Progress:
         if self.bar is None:
             return
         m = metrics or {}
-        info = " ".join(f"{k.split('/')[-1]}={m[k]:.3g}" for k in ("score/mean", "timing/step_s") if k in m)
+        info = " ".join(f"{k.split('/')[-1]}={m[k]:.3g}" for k in ("score/mean", "train/loss", "timing/step_s") if k in m)
         self.bar.update(self.task, advance=1, info=info)
 
     def close(self) -> None:
