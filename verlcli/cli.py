@@ -38,6 +38,16 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(UserError.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a worker's failure: show its real cause, not a Ray wrapper
+        from verlcli.distributed import WorkerError
+
+        if not isinstance(e, WorkerError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def data_metrics(batch: Batch, max_response_tokens: int) -> dict:
         # The first thing to look at when training goes wrong: rollout vs trainer log-probs.
         out["rollout/logprob_gap_mean"] = float(gap.sum() / mask.sum().clamp(min=1))
         out["rollout/logprob_gap_max"] = float(gap.max())
+    if "entropy" in batch:
+        out["actor/entropy"] = _masked_mean(batch["entropy"], mask)
     if "values" in batch:
         out["critic/values_mean"] = _masked_mean(batch["values"], mask)
         out["critic/returns_mean"] = _masked_mean(batch["returns"], mask)

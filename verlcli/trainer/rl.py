@@ -23,6 +23,8 @@ def run_rl(cfg) -> dict:
     w = build(cfg, device, run)  # tokenizer, data, worker groups, reward scorer, KL controller
     tracker = Tracker(str(run), cfg.logging.backends, cfg.logging.wandb_project, cfg.trainer.name, cfg.model_dump(mode="json"))
     start, last = 0, {}
+    # One optimizer step per RL step and nothing else needs them: skip the old-log-prob pass.
+    on_policy = plan.optimizer_steps_per_step == 1 and not cfg.algorithm.use_kl_in_reward
     try:
         ckpt = rd.resume_from(cfg, run)
         if ckpt is not None:
@@ -44,8 +46,9 @@ def run_rl(cfg) -> dict:
                 tracker.log(step, {**reward_metrics, **filter_metrics})
                 progress.advance()
                 continue
-            with timer("old_log_prob"):
-                batch = batch.union(w.actor.compute_log_probs(batch))
+            if not on_policy:  # else the update's own forward pass gives the old log-probs
+                with timer("old_log_prob"):
+                    batch = batch.union(w.actor.compute_log_probs(batch))
             if cfg.use_reference:
                 with timer("ref_log_prob"):
                     batch = batch.union(w.actor.compute_ref_log_probs(batch))

@@ -112,14 +112,20 @@ class HybridWorker(Worker):
         with torch.no_grad():
             for micro in batch.chunks_of(size):
                 inputs, r_keep = seq.trim(micro)
-                outs.append(seq.pad_right(fn(inputs, r_keep).float().cpu(), R))
-        return torch.cat(outs) if outs else torch.zeros(0, R)
+                out = fn(inputs, r_keep).float().cpu()
+                parts = out.split(r_keep, dim=1)  # fn may return several [B, r_keep] blocks side by side
+                outs.append(torch.cat([seq.pad_right(p, R) for p in parts], dim=1))
+        return torch.cat(outs)
 
     @register(dispatch="dp")
     def compute_log_probs(self, batch: Batch) -> Batch:
-        lp = self._forward_rows(batch, lambda x, r: self.actor.log_probs(**x, response_len=r,
-                                temperature=batch.meta.get("temperature", 1.0))[0])
-        return Batch({"old_log_probs": lp})
+        """Old log-probs, and the policy entropy (measured here, without grad, so the update
+        only pays for entropy when it is a loss term)."""
+        t = batch.meta.get("temperature", 1.0)
+        both = self._forward_rows(batch, lambda x, r: torch.cat(self.actor.log_probs(
+            **x, response_len=r, temperature=t, with_entropy=True), dim=1))
+        R = batch["responses"].shape[1]
+        return Batch({"old_log_probs": both[:, :R], "entropy": both[:, R:]})
 
     @register(dispatch="dp")
     def compute_ref_log_probs(self, batch: Batch) -> Batch:
@@ -155,7 +161,8 @@ class HybridWorker(Worker):
 
     @register(dispatch="dp")
     def update_actor(self, batch: Batch) -> dict:
-        return {f"actor/{k}": v for k, v in self._update(self.actor, batch, self.cfg.actor, actor_micro_loss).items()}
+        out = self._update(self.actor, batch, self.cfg.actor, actor_micro_loss)
+        return {k if "/" in k else f"actor/{k}": v for k, v in out.items()}
 
     @register(dispatch="dp")
     def update_critic(self, batch: Batch) -> dict:

@@ -19,30 +19,40 @@ def actor_micro_loss(engine, micro, cfg, g_tokens: int, g_seqs: int):
     a = cfg.actor
     inputs, r = seq.trim(micro)
     temperature = micro.meta.get("temperature", 1.0)
-    need_entropy = True
-    logp, entropy = engine.log_probs(**inputs, response_len=r, temperature=temperature, with_entropy=need_entropy)
+    # On-policy (one optimizer step per RL step): the driver skips the separate old-log-prob
+    # pass; this forward IS the old policy, so old = detached new (ratio exactly 1), and the
+    # entropy and rollout-gap metrics come from here.
+    on_policy = "old_log_probs" not in micro
+    logp, entropy = engine.log_probs(**inputs, response_len=r, temperature=temperature,
+                                     with_entropy=bool(a.entropy_coeff) or on_policy)
     mask = seq.cut(micro["response_mask"], r).to(logp.dtype)
+    old = logp.detach() if on_policy else seq.cut(micro["old_log_probs"], r)
+    extra = {}
+    if on_policy:
+        denom = mask.sum().clamp(min=1)
+        extra["entropy"] = float((entropy.detach() * mask).sum() / denom)
+        gap = (seq.cut(micro["rollout_log_probs"], r) - old).abs() * mask
+        extra["rollout/logprob_gap_mean"] = float(gap.sum() / denom)
+        extra["rollout/logprob_gap_max"] = float(gap.max())
     pl_cfg = PolicyLossConfig(clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
                               clip_ratio_c=a.clip_ratio_c, loss_scale_factor=cfg.data.max_response_tokens)
     loss_fn = POLICY_LOSSES.get(a.policy_loss, "actor.policy_loss")
     agg = dict(loss_agg_mode=a.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs)
-    pg_loss, m = loss_fn(seq.cut(micro["old_log_probs"], r), logp, seq.cut(micro["advantages"], r), mask,
+    pg_loss, m = loss_fn(old, logp, seq.cut(micro["advantages"], r), mask,
                          cfg=pl_cfg, **agg)
     loss = pg_loss
-    metrics = {k: float(v) for k, v in m.items()}
+    metrics = {**{k: float(v) for k, v in m.items()}, **extra}
     metrics["pg_loss"] = float(pg_loss.detach())
-    if entropy is not None:
+    if a.entropy_coeff:  # entropy bonus (else the entropy metric comes without grad)
         ent = agg_loss(entropy, mask, **agg)
-        metrics["entropy"] = float(ent.detach())
-        if a.entropy_coeff:
-            loss = loss - a.entropy_coeff * ent
+        loss = loss - a.entropy_coeff * ent
     if a.use_kl_loss:
         kl = kl_penalty(logp, seq.cut(micro["ref_log_probs"], r), a.kl_loss_type)
         kl_loss = agg_loss(kl, mask, **agg)
         loss = loss + a.kl_loss_coef * kl_loss
         metrics["kl_loss"] = float(kl_loss.detach())
     # Per-micro-batch values are fractions of the global mean: summed later, not averaged.
-    return loss, {f"sum:{k}" if k in ("pg_loss", "entropy", "kl_loss") else k: v for k, v in metrics.items()}
+    return loss, {f"sum:{k}" if k in ("pg_loss", "kl_loss") else k: v for k, v in metrics.items()}
 
 
 def critic_micro_loss(engine, micro, cfg, g_tokens: int, g_seqs: int):
