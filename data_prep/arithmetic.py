@@ -19,7 +19,8 @@ from verlcli.errors import UserError
 DESCRIPTION = "generated a+b / a*b problems for small models (--operators, --min/--max-operand)"
 OPTIONS = {"seed", "train_size", "test_size", "system_prompt", "min_operand", "max_operand", "operators"}
 DATA_SOURCE = "arithmetic"
-DEFAULT_TRAIN, DEFAULT_TEST = 5000, 500
+# 20 × 20 × {+, *} = 800 distinct problems: 700 train + 100 held-out test, no overlap.
+DEFAULT_TRAIN, DEFAULT_TEST = 700, 100
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _ALIASES = {"x": "*", "×": "*", "−": "-"}
 

@@ -40,7 +40,7 @@ class PrepOptions:
     data_source: str | None = None
     # arithmetic
     min_operand: int = 1
-    max_operand: int = 9
+    max_operand: int = 20
     operators: str = "+*"
     # countdown
     num_count: int = 3

@@ -21,7 +21,7 @@ def command(
     response_key: Optional[str] = typer.Option(None, "--response-key", help="custom: column with a reference response; also writes sft_*.parquet."),
     data_source: Optional[str] = typer.Option(None, "--data-source", help="custom: data_source value, which picks the reward [default: custom]."),
     min_operand: Optional[int] = typer.Option(None, "--min-operand", help="arithmetic: smallest operand [default: 1]."),
-    max_operand: Optional[int] = typer.Option(None, "--max-operand", help="arithmetic: largest operand [default: 9]."),
+    max_operand: Optional[int] = typer.Option(None, "--max-operand", help="arithmetic: largest operand [default: 20]."),
     operators: Optional[str] = typer.Option(None, "--operators", help="arithmetic: operators to use, from + - * [default: +*]."),
     num_count: Optional[int] = typer.Option(None, "--num-count", help="countdown: numbers per puzzle [default: 3]."),
     max_number: Optional[int] = typer.Option(None, "--max-number", help="countdown: largest given number [default: 25]."),
