@@ -19,6 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from verlcli.distributed.dispatch import register
+
 
 def free_port() -> int:
     """A TCP port that is free on this host right now (the OS picks it)."""
@@ -69,6 +71,16 @@ class Worker:
 
     def shutdown(self) -> None:
         """Release what setup() made (an in-process rollout engine last). Default: nothing."""
+
+    @register(dispatch="rank0")
+    def memory(self) -> dict:
+        """Peak memory of rank 0's process: RSS, and allocated GPU memory on CUDA."""
+        import resource
+
+        out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        if self.device_type == "cuda":
+            out["mem/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
 
     @property
     def device(self) -> torch.device:

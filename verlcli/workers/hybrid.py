@@ -184,15 +184,6 @@ class HybridWorker(Worker):
                 extra = engine.load_checkpoint(os.path.join(step_dir, role))
         return extra
 
-    @register(dispatch="rank0")
-    def memory(self) -> dict:
-        import resource
-
-        out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        if self.device_type == "cuda":
-            out["mem/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        return out
-
     def shutdown(self):
         # vLLM's shutdown tears down the default process group: it goes last.
         if self.rollout is not None:

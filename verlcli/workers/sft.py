@@ -132,11 +132,3 @@ class SFTWorker(Worker):
     def load_checkpoint(self, step_dir: str) -> dict:
         return self.engine.load_checkpoint(os.path.join(step_dir, "actor"))
 
-    @register(dispatch="rank0")
-    def memory(self) -> dict:
-        import resource
-
-        out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        if self.device_type == "cuda":
-            out["mem/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        return out
