@@ -13,7 +13,7 @@ def test_grpo_raises_heldout_reward(tmp_path_factory, verl_home):
             "--test-size", "48", "--seed", "0", cwd=wd))
     run = wd / "runs" / "learn"
     ok(verl("grpo", "--preset", "smollm2-135m-cpu", f"trainer.run_dir={run}", "trainer.total_steps=8",
-            "trainer.val_every=8", "trainer.save_every=0", "data.val_prompts=48", "data.max_response_tokens=48",
+            "trainer.val_every=8", "trainer.save_every=0", "data.val_prompts=48", "data.max_response_tokens=48", "actor.optim.schedule=constant",
             "logging.progress_bar=false", cwd=wd, timeout=1500))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [(r["step"], r["val/score/mean"]) for r in rows if "val/score/mean" in r]
