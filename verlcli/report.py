@@ -36,10 +36,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric; a metric that is 0 at every step (e.g. the PPO KL of
+    on-policy updates) counts as absent, so a panel falls back to its next key."""
     pts = {}
     for r in rows:  # later lines win (a resumed run re-logs a step)
         if isinstance(r.get(key), (int, float)):
             pts[int(r["step"])] = float(r[key])
+    if not any(pts.values()) and not key.startswith(("score", "val/")):
+        return [], []
     steps = sorted(pts)
     return steps, [pts[s] for s in steps]
 
