@@ -4,7 +4,7 @@ validation reward before training vs after 8 steps."""
 
 import json
 
-from conftest import ok, verl
+from e2e_helpers import ok, verl
 
 
 def test_grpo_raises_heldout_reward(tmp_path_factory, verl_home):

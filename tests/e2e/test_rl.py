@@ -3,7 +3,7 @@ vLLM engine, the local launcher with the HF engine, checkpoint → resume, and a
 
 import json
 
-from conftest import ok, verl
+from e2e_helpers import ok, verl
 
 FAST = ["trainer.val_before_train=false", "logging.progress_bar=false"]
 

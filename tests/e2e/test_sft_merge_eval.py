@@ -3,7 +3,7 @@ plus a LoRA run that must merge into weights different from the base."""
 
 import json
 
-from conftest import ok, verl
+from e2e_helpers import ok, verl
 
 
 def _sft(workdir, run, *extra):
