@@ -33,5 +33,5 @@ def test_grpo_one_gpu(tmp_path):
           f"trainer.run_dir={run}", "trainer.total_steps=3", "logging.progress_bar=false", cwd=tmp_path)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "score/mean" in r][-1]
-    assert last["step"] == 3 and last["mem/peak_gpu_gb"] > 0
+    assert last["step"] == 3 and last["mem/peak_gpu_gb"] > 0 and last["perf/mfu_actor_update"] > 0
     assert last["rollout/logprob_gap_mean"] < 0.2  # bf16 rollout vs bf16 trainer

@@ -78,14 +78,43 @@ def data_metrics(batch: Batch, max_response_tokens: int) -> dict:
     return out
 
 
-def throughput(batch: Batch, timing: dict, world_size: int) -> dict:
+# Dense bf16 peak of one GPU, for MFU (H100 SXM; other GPUs: set VERL_PEAK_TFLOPS).
+DEFAULT_PEAK_TFLOPS = 989.0
+
+
+def throughput(batch: Batch, timing: dict, world_size: int, n_params: int = 0, device: str = "cpu") -> dict:
     gen_tokens = float(batch["response_mask"].sum())
     all_tokens = float(batch["attention_mask"].sum())
     step_s = timing.get("timing/step_s", 0.0) or 1e-9
     gen_s = timing.get("timing/gen_s", 0.0) or 1e-9
-    return {
+    out = {
         "perf/gen_tokens_per_s": gen_tokens / gen_s,
         "perf/tokens_per_s": all_tokens / step_s,
         "perf/tokens_per_s_per_device": all_tokens / step_s / world_size,
         "perf/total_tokens": all_tokens,
     }
+    update_s = timing.get("timing/update_actor_s", 0.0)
+    if device == "cuda" and n_params and update_s:
+        import os
+
+        # Training MFU of the actor update: 6·N FLOPs per token (forward + backward).
+        peak = float(os.environ.get("VERL_PEAK_TFLOPS", DEFAULT_PEAK_TFLOPS)) * 1e12
+        out["perf/mfu_actor_update"] = 6 * n_params * all_tokens / update_s / (peak * world_size)
+    return out
+
+
+def count_params(model_dir) -> int:
+    """Parameters in a HF directory's safetensors files, read from their headers only."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total

@@ -10,7 +10,7 @@ from verlcli.config.arithmetic import check_resources, rl_plan
 from verlcli.config.loader import to_yaml
 from verlcli.trainer import run_dir as rd
 from verlcli.trainer.loggers import Tracker
-from verlcli.trainer.metrics import Timer, average, data_metrics, throughput
+from verlcli.trainer.metrics import Timer, average, count_params, data_metrics, throughput
 from verlcli.trainer.progress import Progress
 from verlcli.trainer.setup import build, teardown
 from verlcli.trainer.steps import compute_advantages, score, to_prompt_batch, validate
@@ -25,6 +25,7 @@ def run_rl(cfg) -> dict:
     start, last = 0, {}
     # One optimizer step per RL step and nothing else needs them: skip the old-log-prob pass.
     on_policy = plan.optimizer_steps_per_step == 1 and not cfg.algorithm.use_kl_in_reward
+    n_params = count_params(w.model_path) if device == "cuda" else 0
     try:
         ckpt = rd.resume_from(cfg, run)
         if ckpt is not None:
@@ -75,7 +76,7 @@ def run_rl(cfg) -> dict:
             timing = timer.metrics()
             metrics.update(data_metrics(batch, cfg.data.max_response_tokens))
             metrics.update({**reward_metrics, **filter_metrics, **adv_metrics, **timing})
-            metrics.update(throughput(batch, timing, plan.data_parallel_size))
+            metrics.update(throughput(batch, timing, plan.data_parallel_size, n_params, device))
             metrics.update(w.actor.memory())
             tracker.log(step, metrics)
             progress.advance(metrics)

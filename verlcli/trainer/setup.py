@@ -39,6 +39,7 @@ class RunState:
     kl_ctrl: object
     started_ray: bool = False
     groups: list = field(default_factory=list)
+    model_path: str = ""
     _warned: set = field(default_factory=set)
 
     def warn_once(self, msg: str) -> None:
@@ -131,7 +132,7 @@ def build(cfg, device: str, run: Path) -> RunState:
     scorer = RewardScorer(cfg.reward.fn, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.workers)
     k = cfg.algorithm.kl_ctrl
     kl_ctrl = get_kl_controller(k.type, k.kl_coef, k.target_kl, k.horizon)
-    return RunState(cfg, tok, loader, val, actor, critic, reward_model, scorer, kl_ctrl, started_ray, groups)
+    return RunState(cfg, tok, loader, val, actor, critic, reward_model, scorer, kl_ctrl, started_ray, groups, str(path))
 
 
 def teardown(w: RunState) -> None:
