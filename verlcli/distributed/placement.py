@@ -43,9 +43,10 @@ def worker_env(extra: dict | None = None) -> dict[str, str]:
     that makes this checkout's `verlcli` importable.
     """
     keep = ("OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE",
-            "VERL_DIST_TIMEOUT_S", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+            "VERL_DIST_TIMEOUT_S", "VERL_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = str(Path(__file__).resolve().parents[2])
     paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
     env["PYTHONPATH"] = os.pathsep.join(paths)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,17 +12,27 @@ from verlcli.algorithms import dynamic_sampling_filter, get_kl_controller
 from verlcli.data.batch import Batch
 from verlcli.io import write_json_atomic
 
-# Environment every worker process needs (vLLM in-process on CPU; threads via OMP only,
-# since in-process vLLM makes torch.set_num_threads a no-op).
 def worker_env(cfg, device: str) -> dict:
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
-           "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kvcache_gb)}
+    """What this run adds to the environment every worker gets (verlcli.distributed's
+    worker_env): threads (via OMP only: in-process vLLM makes torch.set_num_threads a
+    no-op) and vLLM's CPU KV-cache size."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kvcache_gb)}
     if device == "cpu":
         env["OMP_NUM_THREADS"] = str(max(int(cfg.resources.cpus_per_worker), 1))
-    for k in ("VERL_HOME", "HF_HOME", "HF_HUB_OFFLINE", "PYTHONPATH"):
-        if k in os.environ:
-            env[k] = os.environ[k]
     return env
+
+
+def ensure_ray(launcher: str, env: dict) -> bool:
+    """Start (or join) Ray for launcher=ray. True when this call started it (so teardown stops it)."""
+    if launcher != "ray":
+        return False
+    import ray
+
+    from verlcli.distributed import ray_init
+
+    started = not ray.is_initialized()
+    ray_init(env=env)
+    return started
 
 
 @dataclass
@@ -82,7 +91,7 @@ def build(cfg, device: str, run: Path) -> RunState:
     from transformers import AutoTokenizer
 
     from verlcli.data.dataset import PromptLoader, load_rl_dataset
-    from verlcli.distributed import make_worker_group, ray_init
+    from verlcli.distributed import make_worker_group
     from verlcli.models.resolve import resolve_model
     from verlcli.rewards.pool import RewardScorer
     from verlcli.workers.hybrid import HybridWorker
@@ -99,12 +108,7 @@ def build(cfg, device: str, run: Path) -> RunState:
         val = list(load_rl_dataset(d.val_files, tok, **ds_kw))
         val = val[: d.val_prompts] if d.val_prompts else val
     env = worker_env(cfg, device)
-    started_ray = False
-    if cfg.launcher == "ray":
-        import ray
-
-        started_ray = not ray.is_initialized()
-        ray_init(env=env)
+    started_ray = ensure_ray(cfg.launcher, env)
     roles = ["actor", "rollout"] + (["ref"] if cfg.use_reference else [])
     separate = cfg.use_critic and cfg.critic.placement == "separate"
     if cfg.use_critic and not separate:

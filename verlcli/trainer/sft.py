@@ -20,7 +20,7 @@ from verlcli.trainer import run_dir as rd
 from verlcli.trainer.loggers import Tracker
 from verlcli.trainer.metrics import Timer, average
 from verlcli.trainer.progress import Progress
-from verlcli.trainer.setup import worker_env
+from verlcli.trainer.setup import ensure_ray, worker_env
 
 
 def run_sft(cfg) -> dict:
@@ -158,19 +158,13 @@ def _build(cfg, device: str) -> SFTRun:
     val = load_sft_dataset(d.val_files, tok, s.max_length_tokens, **keys) if d.val_files else None
     # The loader cycles epochs with a seeded order; its (epoch, position) goes into checkpoints.
     loader = PromptLoader(train, s.batch_sequences, seed=cfg.trainer.seed, shuffle=d.shuffle)
-    started_ray = False
-    if cfg.launcher == "ray":
-        import ray
-
-        from verlcli.distributed import ray_init
-
-        started_ray = not ray.is_initialized()
-        ray_init()
+    env = worker_env(cfg, device)
+    started_ray = ensure_ray(cfg.launcher, env)
     resources = {**cfg.resources.model_dump(), "device": device}
     group = None
     try:
         group = make_worker_group(cfg.launcher, SFTWorker, name="sft", world_size=cfg.world_size,
-                                  resources=resources, env=worker_env(cfg, device))
+                                  resources=resources, env=env)
         params = group.setup(cfg=cfg.model_dump(mode="json"), total_steps=cfg.trainer.total_steps)[0]
     except BaseException:
         if group is not None:
