@@ -33,10 +33,14 @@ class HybridWorker(Worker):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         common = dict(device=self.device_type, compute_dtype=cfg.resources.compute_dtype,
                       gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.trainer.seed)
-        opt_steps = total_steps * (cfg.data.train_prompts_per_step // cfg.actor.mini_batch_prompts) * cfg.actor.epochs
+        def optimizer_steps(pc):  # over the whole run, for the lr schedule
+            return total_steps * (cfg.data.train_prompts_per_step // pc.mini_batch_prompts) * pc.epochs
+
         self.actor = self.ref = self.critic = self.rollout = None
+        # vLLM frees its GPU memory while the trainer runs (sleep/wake); a no-op on CPU.
+        self.sleeps = self.device_type == "cuda" and cfg.rollout.free_cache_engine
         if "actor" in roles:
-            self.actor = FSDPEngine(path, kind="causal_lm", optim=cfg.actor.optim, total_optimizer_steps=opt_steps,
+            self.actor = FSDPEngine(path, kind="causal_lm", optim=cfg.actor.optim, total_optimizer_steps=optimizer_steps(cfg.actor),
                                     lora=cfg.model.lora if cfg.model.lora.rank else None,
                                     offload_params=cfg.actor.offload_params,
                                     offload_optimizer=cfg.actor.offload_optimizer, **common)
@@ -45,8 +49,7 @@ class HybridWorker(Worker):
                                   offload_params=cfg.actor.offload_params, **common)
         if "critic" in roles:
             cpath = str(resolve_model(cfg.critic.model_path or cfg.model.path))
-            copt = total_steps * (cfg.data.train_prompts_per_step // cfg.critic.mini_batch_prompts) * cfg.critic.epochs
-            self.critic = FSDPEngine(cpath, kind="value", optim=cfg.critic.optim, total_optimizer_steps=copt,
+            self.critic = FSDPEngine(cpath, kind="value", optim=cfg.critic.optim, total_optimizer_steps=optimizer_steps(cfg.critic),
                                      offload_params=cfg.critic.offload_params,
                                      offload_optimizer=cfg.critic.offload_optimizer, **common)
         if "rollout" in roles:
@@ -66,9 +69,9 @@ class HybridWorker(Worker):
             r.engine, path, device=self.device_type, dtype=dtype,
             max_model_len=d.max_prompt_tokens + d.max_response_tokens + 8,
             seed=self.cfg.trainer.seed + self.rank, gpu_memory_utilization=r.gpu_memory_utilization,
-            cpu_kvcache_gb=r.cpu_kvcache_gb, enable_sleep=self.device_type == "cuda" and r.free_cache_engine,
+            cpu_kvcache_gb=r.cpu_kvcache_gb, enable_sleep=self.sleeps,
         )
-        if self.device_type == "cuda" and r.free_cache_engine:
+        if self.sleeps:
             self.rollout.sleep()
 
     @register(dispatch="all")
@@ -77,7 +80,7 @@ class HybridWorker(Worker):
         t0 = time.perf_counter()
         state = self.actor.full_state_dict()
         gather_s = time.perf_counter() - t0
-        if self.device_type == "cuda" and self.cfg.rollout.free_cache_engine:
+        if self.sleeps:
             self.rollout.wake()
         stats = self.rollout.sync_weights(state)
         del state
@@ -90,13 +93,12 @@ class HybridWorker(Worker):
 
         m = batch.meta
         spec = SamplingSpec(n=1, temperature=m["temperature"], top_p=m["top_p"], top_k=m["top_k"],
-                            max_tokens=self.cfg.data.max_response_tokens, stop=list(self.cfg.rollout.stop),
-                            seed=m.get("seed"))
+                            max_tokens=self.cfg.data.max_response_tokens, stop=list(self.cfg.rollout.stop))
         prompts = [list(p) for p in batch["prompt_ids"]]
-        if self.device_type == "cuda" and self.cfg.rollout.free_cache_engine:
+        if self.sleeps:
             self.rollout.wake()
         outs = self.rollout.generate(prompts, spec)
-        if self.device_type == "cuda" and self.cfg.rollout.free_cache_engine:
+        if self.sleeps:
             self.rollout.sleep()
         rows = seq.build_rows(prompts, [o.response_ids for o in outs], [o.logprobs for o in outs], self.pad_id,
                               self.cfg.data.max_prompt_tokens, self.cfg.data.max_response_tokens)
@@ -104,38 +106,37 @@ class HybridWorker(Worker):
         return batch.union(out)
 
     # ------------------------------------------------------------------ forward passes
-    def _forward_rows(self, batch: Batch, fn) -> torch.Tensor:
-        """Run fn(inputs, r_keep) over micro-batches; return a fixed-width [B, R] tensor."""
+    def _forward_rows(self, batch: Batch, fn) -> list[torch.Tensor]:
+        """Run fn(inputs, r_keep) -> tuple of [b, r_keep] tensors over micro-batches; return
+        each output as a fixed-width [B, R] tensor."""
         R = batch["responses"].shape[1]
         size = self.cfg.actor.micro_batch_sequences_per_device * 2  # no grads: bigger micro-batches
         outs = []
         with torch.no_grad():
             for micro in batch.chunks_of(size):
                 inputs, r_keep = seq.trim(micro)
-                out = fn(inputs, r_keep).float().cpu()
-                parts = out.split(r_keep, dim=1)  # fn may return several [B, r_keep] blocks side by side
-                outs.append(torch.cat([seq.pad_right(p, R) for p in parts], dim=1))
-        return torch.cat(outs)
+                outs.append([seq.pad_right(o.float().cpu(), R) for o in fn(inputs, r_keep)])
+        return [torch.cat(col) for col in zip(*outs)]
 
     @register(dispatch="dp")
     def compute_log_probs(self, batch: Batch) -> Batch:
         """Old log-probs, and the policy entropy (measured here, without grad, so the update
         only pays for entropy when it is a loss term)."""
         t = batch.meta.get("temperature", 1.0)
-        both = self._forward_rows(batch, lambda x, r: torch.cat(self.actor.log_probs(
-            **x, response_len=r, temperature=t, with_entropy=True), dim=1))
-        R = batch["responses"].shape[1]
-        return Batch({"old_log_probs": both[:, :R], "entropy": both[:, R:]})
+        lp, entropy = self._forward_rows(batch, lambda x, r: self.actor.log_probs(
+            **x, response_len=r, temperature=t, with_entropy=True))
+        return Batch({"old_log_probs": lp, "entropy": entropy})
 
     @register(dispatch="dp")
     def compute_ref_log_probs(self, batch: Batch) -> Batch:
-        lp = self._forward_rows(batch, lambda x, r: self.ref.log_probs(**x, response_len=r,
-                                temperature=batch.meta.get("temperature", 1.0))[0])
+        t = batch.meta.get("temperature", 1.0)
+        [lp] = self._forward_rows(batch, lambda x, r: self.ref.log_probs(**x, response_len=r, temperature=t)[:1])
         return Batch({"ref_log_probs": lp})
 
     @register(dispatch="dp")
     def compute_values(self, batch: Batch) -> Batch:
-        return Batch({"values": self._forward_rows(batch, lambda x, r: self.critic.values(**x, response_len=r))})
+        [values] = self._forward_rows(batch, lambda x, r: (self.critic.values(**x, response_len=r),))
+        return Batch({"values": values})
 
     # ------------------------------------------------------------------ updates
     def _mini_batches(self, batch: Batch, mini_batch_prompts: int):
