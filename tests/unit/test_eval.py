@@ -12,6 +12,8 @@ from verlcli.errors import UserError
 from verlcli.evaluation import EvalOptions, compute_metrics, default_ks, evaluate, majority_correct, pass_at_k
 from verlcli.evaluation.metrics import bootstrap_means, bootstrap_se, vote_key
 
+from _data import arith_parquet
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -216,19 +218,8 @@ def test_options_errors(tmp_path):
 # ------------------------------------------------------------------ generating (hf engine, tiny-qwen2)
 
 
-def _arith_parquet(path, n):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = [{"data_source": "arithmetic", "prompt": [{"role": "user", "content": f"What is {i} + 2?"}],
-             "ability": "math", "reward_model": {"style": "rule", "ground_truth": str(i + 2)},
-             "extra_info": {"split": "test", "index": i}} for i in range(n)]
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
 def test_same_data_same_seed_same_metrics(tmp_path):
-    data = _arith_parquet(tmp_path / "test.parquet", 3)
+    data = arith_parquet(tmp_path / "test.parquet", 3)
 
     def run(seed, out):
         return evaluate(EvalOptions(model="tiny-qwen2", data=str(data), n=3, engine="hf", max_tokens=6,
@@ -253,7 +244,7 @@ def test_cli_eval_prints_table(tmp_path):
 
     from verlcli.cli import app
 
-    data = _arith_parquet(tmp_path / "test.parquet", 2)
+    data = arith_parquet(tmp_path / "test.parquet", 2)
     r = CliRunner().invoke(app, ["eval", "--model", "tiny-qwen2", "--data", str(data), "--engine", "hf",
                                  "--max-tokens", "4", "--limit", "1", "--out", str(tmp_path / "o"),
                                  "--reward-workers", "0"])

@@ -19,6 +19,8 @@ import torch
 from verlcli.errors import UserError
 from verlcli.merge import VerificationError, merge_checkpoint, resolve_role_dir
 
+from _data import arith_parquet
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 LR = 1e-2
 
@@ -270,7 +272,7 @@ def test_eval_accepts_a_checkpoint_dir(ckpts, tmp_path):
     """--model CKPT_DIR merges to a temp dir and generates (hf engine, greedy)."""
     from verlcli.evaluation import EvalOptions, evaluate
 
-    data = _arith_parquet(tmp_path / "d.parquet", 2)
+    data = arith_parquet(tmp_path / "d.parquet", 2)
     res = evaluate(EvalOptions(model=str(ckpts[1] / "run" / "checkpoints" / "step_1"), data=str(data),
                                engine="hf", max_tokens=4, out=str(tmp_path / "ev"), reward_workers=0))
     assert res.info["merged_from"].endswith("actor")
@@ -278,18 +280,6 @@ def test_eval_accepts_a_checkpoint_dir(ckpts, tmp_path):
     with pytest.raises(UserError, match="critic"):
         evaluate(EvalOptions(model=str(ckpts[2] / "run" / "checkpoints" / "step_1" / "critic"), data=str(data),
                              engine="hf", out=str(tmp_path / "ev2")))
-
-
-def _arith_parquet(path, n):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = [{"data_source": "arithmetic", "prompt": [{"role": "user", "content": f"What is {i} + 2?"}],
-             "ability": "math", "reward_model": {"style": "rule", "ground_truth": str(i + 2)},
-             "extra_info": {"split": "test", "index": i}} for i in range(n)]
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
 
 
 @pytest.mark.slow
@@ -301,7 +291,7 @@ def test_merged_lora_checkpoint_loads_in_vllm(ckpts, tmp_path):
         pytest.skip(f"vllm not importable: {e}")
     from verlcli.evaluation import EvalOptions, evaluate
 
-    data = _arith_parquet(tmp_path / "d.parquet", 3)
+    data = arith_parquet(tmp_path / "d.parquet", 3)
     ckpt = str(ckpts[2] / "lora" / "checkpoints" / "step_1")
     res = {eng: evaluate(EvalOptions(model=ckpt, data=str(data), engine=eng, max_tokens=8, dtype="float32",
                                      out=str(tmp_path / eng), reward_workers=0)) for eng in ("vllm", "hf")}
