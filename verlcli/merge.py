@@ -76,6 +76,26 @@ def resolve_role_dir(ckpt_dir: str | Path) -> Path:
                     fix=fix)
 
 
+def check_against_manifest(role_dir: Path, log=None) -> None:
+    """Refuse a checkpoint whose files differ from its step's manifest.json (sizes and sha256):
+    a damaged or half-copied checkpoint must not become a model that loads but is wrong."""
+    from verlcli.manifest import MANIFEST, check_manifest
+
+    for root, under in ((role_dir, ""), (role_dir.parent, role_dir.name)):
+        if (root / MANIFEST).is_file():
+            problems = check_manifest(root, hashes=True, under=under)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise UserError(f"checkpoint {role_dir} does not match {root / MANIFEST}: {problems[0]}{more}",
+                                fix="the checkpoint is damaged or was changed after it was saved: "
+                                    "use another checkpoints/step_N, or copy it again from its source")
+            if log:
+                log(f"{role_dir} matches {root / MANIFEST} (sizes and sha256)")
+            return
+    if log:
+        log(f"note: {role_dir} has no manifest.json (saved by an older version): not verified")
+
+
 def read_meta(role_dir: Path) -> dict:
     try:
         meta = json.loads((role_dir / "meta.json").read_text())
@@ -326,6 +346,7 @@ def merge_checkpoint(ckpt_dir: str | Path, out: str | Path | None = None, lora: 
     if dtype not in TOLERANCE:
         raise UserError(f"--dtype {dtype!r} is not supported", fix="use --dtype float32 or --dtype bfloat16")
     role_dir = resolve_role_dir(ckpt_dir)
+    check_against_manifest(role_dir, log)
     meta = read_meta(role_dir)
     kind = meta.get("kind", "causal_lm")
     out = Path(out).expanduser() if out else default_out(ckpt_dir)

@@ -30,6 +30,7 @@ def run_rl(cfg) -> dict:
         ckpt = rd.resume_from(cfg, run)
         if ckpt is not None:
             start = w.restore(ckpt)
+            rd.truncate_metrics(run, start)  # steps after the checkpoint are trained again
             tracker.console.print(f"resumed from {ckpt} at step {start}")
         tracker.log(start, w.actor.sync_weights()[0])  # rollout starts from the actor's weights
         if cfg.trainer.val_before_train and w.val_data is not None and start == 0:
@@ -70,9 +71,8 @@ def run_rl(cfg) -> dict:
                 with timer("validate"):
                     metrics.update(validate(cfg, w))
             if step == cfg.trainer.total_steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-                with timer("checkpoint"):
-                    w.save(rd.step_dir(run, step), step)
-                    rd.prune(run, cfg.trainer.keep_checkpoints)
+                with timer("checkpoint"):  # into step_N.tmp, manifest last, then renamed
+                    rd.save_step(run, step, lambda d: w.save(d, step), cfg.trainer.keep_checkpoints)
             timing = timer.metrics()
             metrics.update(data_metrics(batch, cfg.data.max_response_tokens))
             metrics.update({**reward_metrics, **filter_metrics, **adv_metrics, **timing})

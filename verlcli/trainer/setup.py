@@ -75,7 +75,7 @@ class RunState:
         self.actor.save_checkpoint(str(step_dir), extra)
         if self.critic is not None and self.critic is not self.actor:
             self.critic.save_checkpoint(str(step_dir), extra)
-        write_json_atomic(step_dir / "trainer.json", extra)  # written last: marks the step complete
+        write_json_atomic(step_dir / "trainer.json", extra)  # the manifest (run_dir.save_step) marks it complete
 
     def restore(self, step_dir: Path) -> int:
         extra = json.loads((step_dir / "trainer.json").read_text())

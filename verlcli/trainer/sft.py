@@ -44,6 +44,7 @@ def run_sft(cfg) -> dict:
         ckpt = rd.resume_from(cfg, run)
         if ckpt is not None:
             start = state.restore(ckpt)
+            rd.truncate_metrics(run, start)  # steps after the checkpoint are trained again
             tracker.console.print(f"resumed from {ckpt} at step {start}")
         if start >= total:
             tracker.console.print(f"nothing to do: the run is at step {start} of trainer.total_steps={total}")
@@ -76,8 +77,7 @@ def _step(cfg, state: "SFTRun", run: Path, step: int, world: int) -> dict:
             metrics.update(state.validate())
     if step == t.total_steps or (t.save_every and step % t.save_every == 0):
         with timer("checkpoint"):
-            state.save(rd.step_dir(run, step), step)
-            rd.prune(run, t.keep_checkpoints)
+            rd.save_step(run, step, lambda d: state.save(d, step), t.keep_checkpoints)
     timing = timer.metrics()
     tokens = float(sum(len(it["input_ids"]) for it in items))
     train_s = timing.get("timing/train_s", 0.0) or 1e-9
@@ -121,7 +121,7 @@ class SFTRun:
     def save(self, step_dir: Path, step: int) -> None:
         extra = {"step": step, "loader": self.loader.state_dict(), "kind": "sft"}
         self.group.save_checkpoint(str(step_dir), extra)
-        write_json_atomic(step_dir / "trainer.json", extra)  # written last: marks the step complete
+        write_json_atomic(step_dir / "trainer.json", extra)  # the manifest (run_dir.save_step) marks it complete
 
     def restore(self, step_dir: Path) -> int:
         extra = json.loads((step_dir / "trainer.json").read_text())
