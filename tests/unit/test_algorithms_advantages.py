@@ -171,6 +171,6 @@ def test_all_masked_batch_gives_zeros_not_nan(name):
     zeros = torch.zeros(4, 3)
     adv, ret = ADV_ESTIMATORS.get(name)(
         torch.ones(4, 3), zeros.long(), [0, 0, 1, 1], values=torch.ones(4, 3),
-        reward_baselines=torch.ones(4))
+        reward_baselines=torch.ones(4), old_log_probs=zeros - 1, sum_pi_squared=zeros + 0.5)
     assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
     assert adv.abs().sum() == 0

@@ -115,7 +115,7 @@ def test_clip_cov():
 def test_kl_cov():
     old = [[-1.0 - LN(2.0), -3.0 + LN(2.0), -2.0, -2.0]]  # ratios 2, 0.5, 1, 1
     # unclipped −A·r: −4, 1, −1, 0. Top-1 covariance (2.25) is t1: + |ln 0.5| there.
-    loss, m, _ = run("kl_cov", old=old, **COV, cfg=PolicyLossConfig(kl_cov_ratio=0.25))
+    loss, m, _ = run("kl_cov", old=old, **COV, cfg=PolicyLossConfig(kl_cov_ratio=0.25, ppo_kl_coef=1.0))
     assert loss.item() == pytest.approx((-4 + 1 + LN(2.0) - 1) / 4, abs=1e-6)  # −0.8267132
     assert m["pg_clipfrac"] == pytest.approx(0.25)
     assert m["ppo_kl"] == pytest.approx(0.0, abs=1e-7)  # (−ln 2 + ln 2 + 0 + 0)/4

@@ -44,9 +44,11 @@ def test_register_and_duplicates():
 def test_expected_names():
     assert set(ADV_ESTIMATORS) == {
         "gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline",
-        "remax", "opo", "gpg", "grpo_passk",
+        "remax", "opo", "gpg", "grpo_passk", "grpo_vectorized", "rloo_vectorized",
+        "optimal_token_baseline", "tir_optimal_token_baseline",
     }
-    assert set(POLICY_LOSSES) == {"vanilla", "gspo", "clip_cov", "kl_cov", "cispo", "gpg"}
+    assert set(POLICY_LOSSES) == {"vanilla", "gspo", "clip_cov", "kl_cov", "cispo", "gpg", "sapo",
+                                  "geo_mean", "bypass_mode"}
     base = {"k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"}
     assert set(KL_ESTIMATORS) == base | {name + "+" for name in base}
 
@@ -68,6 +70,7 @@ def test_every_estimator_runs_with_the_uniform_call(name):
     adv, ret = ADV_ESTIMATORS.get(name)(
         REWARDS, MASK, index=["p", "p", "q", "q"], values=torch.full((4, 3), 0.1),
         gamma=0.9, lam=0.95, norm_adv_by_std=True, reward_baselines=torch.zeros(4),
+        old_log_probs=torch.full((4, 3), -0.5), sum_pi_squared=torch.full((4, 3), 0.4),
         something_new=1,  # unknown keywords are ignored, so the trainer can pass extras
     )
     assert adv.shape == ret.shape == (4, 3)

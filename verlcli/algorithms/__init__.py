@@ -29,14 +29,19 @@ from verlcli.algorithms.kl import (
     get_kl_controller,
     kl_penalty,
 )
+from verlcli.algorithms.pf_ppo import PF_PPO_METHODS, pf_ppo_resample
 from verlcli.algorithms.policy_loss import POLICY_LOSSES, PolicyLossConfig
-from verlcli.algorithms.registry import Registry
+from verlcli.algorithms.registry import Needs, Registry
+from verlcli.algorithms.rollout_correction import rollout_correction
+from verlcli.algorithms.token_baseline import optimal_token_baseline, tir_optimal_token_baseline
 from verlcli.algorithms.value import value_loss
 
 __all__ = [
     "ADV_ESTIMATORS",
     "KL_ESTIMATORS",
+    "Needs",
     "LOSS_AGG_MODES",
+    "PF_PPO_METHODS",
     "POLICY_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
@@ -56,6 +61,10 @@ __all__ = [
     "masked_whiten",
     "needs_baseline",
     "needs_critic",
+    "optimal_token_baseline",
     "overlong_reward_penalty",
+    "pf_ppo_resample",
+    "rollout_correction",
+    "tir_optimal_token_baseline",
     "value_loss",
 ]

@@ -24,23 +24,22 @@ from typing import Sequence
 import torch
 
 from verlcli.algorithms.aggregation import masked_whiten
-from verlcli.algorithms.registry import Registry
+from verlcli.algorithms.registry import Needs, Registry
 from verlcli.errors import UserError
 
 ADV_ESTIMATORS = Registry("advantage estimator", "algorithm.adv_estimator")
+GROUP = Needs(group=True)
 
 
 def needs_critic(name: str) -> bool:
-    """True when the estimator needs a value model (critic): only `gae`."""
-    ADV_ESTIMATORS.get(name)  # an unknown name fails here, with the list of names
-    return name == "gae"
+    """True when the estimator needs a value model (critic), as its registration says."""
+    return ADV_ESTIMATORS.needs(name).critic  # an unknown name fails here, with the names
 
 
 def needs_baseline(name: str) -> bool:
     """True when the estimator needs `reward_baselines` (the reward of a greedy response
-    to the same prompt): only `remax`."""
-    ADV_ESTIMATORS.get(name)
-    return name == "remax"
+    to the same prompt), as its registration says."""
+    return ADV_ESTIMATORS.needs(name).baseline
 
 
 # ---------------------------------------------------------------- helpers
@@ -91,7 +90,7 @@ def _broadcast(per_response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- estimators
 
 
-@ADV_ESTIMATORS.register("gae")
+@ADV_ESTIMATORS.register("gae", needs=Needs(critic=True))
 def gae(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
         norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """Generalized Advantage Estimation (PPO with a critic).
@@ -125,7 +124,7 @@ def gae(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, 
     return masked_whiten(adv, mask), returns
 
 
-@ADV_ESTIMATORS.register("grpo")
+@ADV_ESTIMATORS.register("grpo", needs=GROUP)
 def grpo(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
          norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """GRPO: A_i = (r_i − mean_g) / (std_g + ε) with the group's unbiased std (n − 1,
@@ -147,7 +146,7 @@ def grpo(token_level_rewards, response_mask, index=None, values=None, gamma=1.0,
     return adv, adv
 
 
-@ADV_ESTIMATORS.register("rloo")
+@ADV_ESTIMATORS.register("rloo", needs=GROUP)
 def rloo(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
          norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """REINFORCE leave-one-out: A_i = r_i − mean of the OTHER responses of the group
@@ -162,7 +161,7 @@ def rloo(token_level_rewards, response_mask, index=None, values=None, gamma=1.0,
     return adv, adv
 
 
-@ADV_ESTIMATORS.register("opo")
+@ADV_ESTIMATORS.register("opo", needs=GROUP)
 def opo(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
         norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """On-Policy RL with Optimal baseline: A_i = r_i − b_g with the length-weighted group
@@ -199,7 +198,7 @@ def reinforce_plus_plus(token_level_rewards, response_mask, index=None, values=N
     return masked_whiten(returns, mask), returns
 
 
-@ADV_ESTIMATORS.register("reinforce_plus_plus_baseline")
+@ADV_ESTIMATORS.register("reinforce_plus_plus_baseline", needs=GROUP)
 def reinforce_plus_plus_baseline(token_level_rewards, response_mask, index=None, values=None,
                                  gamma=1.0, lam=1.0, norm_adv_by_std=True, reward_baselines=None,
                                  epsilon=1e-6, **kwargs):
@@ -216,7 +215,7 @@ def reinforce_plus_plus_baseline(token_level_rewards, response_mask, index=None,
     return adv, adv
 
 
-@ADV_ESTIMATORS.register("remax")
+@ADV_ESTIMATORS.register("remax", needs=Needs(baseline=True))
 def remax(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
           norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """ReMax: returns = undiscounted reward-to-go Σ_{s≥t} r_s (valid tokens), and
@@ -247,7 +246,7 @@ def gpg(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, 
     return adv, adv
 
 
-@ADV_ESTIMATORS.register("grpo_passk")
+@ADV_ESTIMATORS.register("grpo_passk", needs=GROUP)
 def grpo_passk(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
                norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """Pass@k-style GRPO: only the best response of each group gets a non-zero
@@ -271,5 +270,49 @@ def grpo_passk(token_level_rewards, response_mask, index=None, values=None, gamm
         if norm_adv_by_std:
             gap = gap / (group_scores.std() + epsilon)
         adv[members[where[0]]] = gap
+    adv = _broadcast(adv, mask)
+    return adv, adv
+
+
+@ADV_ESTIMATORS.register("grpo_vectorized", needs=GROUP)
+def grpo_vectorized(token_level_rewards, response_mask, index=None, values=None, gamma=1.0,
+                    lam=1.0, norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
+    """verl's `grpo_vectorized`: GRPO with verl's `group_mean_std` statistics, which differ
+    from `grpo` in one place: the std is floored, std = sqrt(max(var, ε)) with the same
+    ε = 1e-6 (so at least 1e-3), and then A = (r − mean) / (std + ε). A group whose reward
+    spread is tiny (var < 1e-6) gets A = (r − mean)/(1e-3 + 1e-6), not the huge values of
+    `grpo`. The variance is taken as (Σr² − (Σr)²/n)/(n − 1) like verl. A group of one:
+    mean 0, std 1 (raw reward), as `grpo`. returns = advantages."""
+    rewards, mask = _prepare(token_level_rewards, response_mask)
+    scores = _scores(rewards, mask)
+    gid, n_groups = _group_ids(index, scores.shape[0], scores.device)
+    zeros = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device)
+    count = zeros.index_add(0, gid, torch.ones_like(scores))
+    s1 = zeros.index_add(0, gid, scores)
+    s2 = zeros.index_add(0, gid, scores * scores)
+    var = (s2 - s1 * s1 / count) / (count - 1).clamp(min=1)
+    std = var.clamp(min=epsilon).sqrt()
+    alone = count <= 1
+    mean = torch.where(alone, zeros, s1 / count)[gid]
+    std = torch.where(alone, torch.ones_like(std), std)[gid]
+    adv = (scores - mean) / (std + epsilon) if norm_adv_by_std else scores - mean
+    adv = _broadcast(adv, mask)
+    return adv, adv
+
+
+@ADV_ESTIMATORS.register("rloo_vectorized", needs=GROUP)
+def rloo_vectorized(token_level_rewards, response_mask, index=None, values=None, gamma=1.0,
+                    lam=1.0, norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
+    """verl's `rloo_vectorized`: A_i = (n·r_i − Σ_g r)/(n − 1) = r_i − mean of the others,
+    the same as `rloo` for groups of two or more — but a group of ONE gets A = 0 here
+    (verl multiplies by [n > 1]), while `rloo` keeps the raw reward (as verl's `rloo`).
+    returns = advantages."""
+    rewards, mask = _prepare(token_level_rewards, response_mask)
+    scores = _scores(rewards, mask)
+    gid, n_groups = _group_ids(index, scores.shape[0], scores.device)
+    zeros = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device)
+    count = zeros.index_add(0, gid, torch.ones_like(scores))[gid]
+    total = zeros.index_add(0, gid, scores)[gid]
+    adv = (count * scores - total) / (count - 1).clamp(min=1) * (count > 1)
     adv = _broadcast(adv, mask)
     return adv, adv
