@@ -56,10 +56,10 @@ def _rows(rank, ws, *tensors):
 
 
 def _sft_step(engine, ids, mask, pos, rmask, global_tokens):
-    """One optimizer step on -mean log p over the GLOBAL token count (× world size)."""
+    """One optimizer step on -mean log p over the GLOBAL token count (this rank's share)."""
     lp, _ = engine.log_probs(ids, mask, pos, R)
     partial = -(lp * rmask).sum() / global_tokens
-    engine.backward(partial * engine.world_size)
+    engine.backward(partial)
     stats = engine.step()
     stats["loss"] = engine.all_reduce_sum(partial.item())
     return stats
@@ -110,7 +110,7 @@ def _worker(rank, port, out_dir, model_path):
                      device="cpu", compute_dtype="float32")
     v0 = val.values(*local[:3], R)
     res["v0"] = v0.detach()
-    loss = ((v0 - 1.0) ** 2 * local[3]).sum() / gt * WS
+    loss = ((v0 - 1.0) ** 2 * local[3]).sum() / gt
     val.backward(loss)
     res["v_stats"] = val.step()
     with torch.no_grad():

@@ -8,15 +8,26 @@ responses (prompts × rollout.n), `*_tokens` count tokens.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
     """Base: unknown keys are errors (the loader turns them into 'did you mean')."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_value_as_list(cls, data):
+        # verl users write data.train_files=path: one value where a list is expected is a
+        # one-element list, for every list-valued key.
+        if isinstance(data, dict):
+            for name, f in cls.model_fields.items():
+                if get_origin(f.annotation) is list and isinstance(data.get(name), (str, int, float)):
+                    data = {**data, name: [data[name]]}
+        return data
 
 
 class LoraConfig(Section):
@@ -48,7 +59,10 @@ class DataConfig(Section):
     prompt_key: str = "prompt"
     max_prompt_tokens: int = Field(256, ge=1, description="Longer prompts are an error (or truncated).")
     max_response_tokens: int = Field(128, ge=1, description="Generation limit per response.")
-    truncation: Literal["error", "left"] = "error"
+    truncation: Literal["error", "left", "filter"] = Field(
+        "error", description="Prompts over data.max_prompt_tokens: error (names the row), left (cut from the left), "
+        "or filter (drop them, counted; an error if none is left). SFT: filter drops samples over sft.max_length_tokens.",
+    )
     train_prompts_per_step: int = Field(8, ge=1, description="Prompts per RL step (verl: train_batch_size).")
     val_prompts: int = Field(0, ge=0, description="Use at most this many validation prompts; 0 = all.")
     shuffle: bool = True
@@ -75,7 +89,18 @@ class RolloutConfig(Section):
         "auto", description="auto: bf16 on GPU; on CPU the training compute dtype."
     )
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Ranks sharing one vLLM engine (world / T engines); must divide the "
+        "world size and the model's attention and KV heads.",
+    )
+    sync_bucket_mb: int = Field(
+        256, ge=1, description="Actor → rollout weight sync streams full weights in buckets of at "
+        "most this many MB (rollout dtype); bounds the extra memory of a sync.",
+    )
+    offload_trainer: bool = Field(
+        False, description="GPU: move actor/ref/critic parameters and optimizer state to host "
+        "memory while the rollout generates (also on with actor.offload_*); a no-op on CPU.",
+    )
     free_cache_engine: bool = Field(True, description="vLLM sleep/wake around training (GPU only).")
     cpu_kvcache_gb: int = Field(1, ge=1, description="vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE).")
     val: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for validation.")
@@ -95,6 +120,12 @@ class OptimConfig(Section):
 class PolicyConfig(Section):
     """Shared by actor and critic: how a mini-batch is cut and how memory is saved."""
 
+    strategy: Literal["fsdp", "deepspeed"] = Field(
+        "fsdp", description="Training engine: fsdp (PyTorch FSDP2) or deepspeed (ZeRO). The reference model uses the actor's."
+    )
+    zero_stage: Literal[1, 2, 3] = Field(
+        3, description="strategy=deepspeed: ZeRO stage (1 optimizer states, 2 + gradients, 3 + parameters sharded)."
+    )
     mini_batch_prompts: int = Field(
         8, ge=1, description="Prompts per optimizer step (verl: ppo_mini_batch_size); × rollout.n sequences."
     )
@@ -108,7 +139,9 @@ class PolicyConfig(Section):
 
 class ActorConfig(PolicyConfig):
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    policy_loss: str = Field("vanilla", description="vanilla, gspo, clip_cov, kl_cov, cispo, gpg.")
+    policy_loss: str = Field(
+        "vanilla", description="vanilla, gspo, sapo, geo_mean (GMPO), clip_cov, kl_cov, cispo, gpg, bypass_mode."
+    )
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
     clip_ratio_c: float = Field(3.0, gt=1.0, description="Dual-clip bound for negative advantages.")
@@ -119,6 +152,13 @@ class ActorConfig(PolicyConfig):
     use_kl_loss: bool = Field(False, description="KL to the reference as a loss term (GRPO style).")
     kl_loss_coef: float = 0.001
     kl_loss_type: str = Field("low_var_kl", description="k1, abs, k2 (mse), k3 (low_var_kl).")
+    clip_cov_ratio: float = Field(0.0002, ge=0.0, le=1.0, description="clip_cov: fraction of tokens whose gradient is cut.")
+    clip_cov_lb: float = Field(1.0, description="clip_cov: covariance window, lower bound.")
+    clip_cov_ub: float = Field(5.0, description="clip_cov: covariance window, upper bound.")
+    kl_cov_ratio: float = Field(0.0002, ge=0.0, le=1.0, description="kl_cov: fraction of tokens given the KL penalty.")
+    ppo_kl_coef: float = Field(0.1, ge=0.0, description="kl_cov: weight of |log ratio| on those tokens (verl 0.1).")
+    tau_pos: float = Field(1.0, gt=0.0, description="sapo: gate temperature where the advantage is positive.")
+    tau_neg: float = Field(1.05, gt=0.0, description="sapo: gate temperature elsewhere.")
 
 
 class CriticConfig(PolicyConfig):
@@ -140,11 +180,41 @@ class KLControlConfig(Section):
     horizon: int = 10000
 
 
+class RolloutCorrectionConfig(Section):
+    """verl's algorithm.rollout_correction: the rollout engine's log-probs vs the trainer's."""
+
+    rollout_is: Optional[Literal["token", "sequence"]] = Field(
+        None, description="IS weights π_train/π_rollout per token or per sequence (product); None = off."
+    )
+    rollout_is_threshold: float = Field(2.0, gt=0.0, description="Cap of the IS weights (truncated IS).")
+    rollout_is_batch_normalize: bool = Field(False, description="Divide the weights by their batch mean.")
+    rollout_rs: Optional[str] = Field(
+        None, description="Mask outliers: token_k1..k3, seq_sum_k1..k3, seq_mean_k1..k3, seq_max_k2/k3 (comma-separated)."
+    )
+    rollout_rs_threshold: Optional[Union[float, str]] = Field(
+        None, description="Rejection bound(s): one or one per option; k1 takes 'lower_upper' ratio bounds."
+    )
+    bypass_mode: bool = Field(False, description="Use the rollout log-probs as the old policy (skips that pass).")
+    loss_type: Literal["ppo_clip", "reinforce"] = Field("ppo_clip", description="Loss in bypass mode.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bypass_mode or self.rollout_is is not None or self.rollout_rs is not None
+
+
+class PFPPOConfig(Section):
+    reweight_method: Literal["pow", "max_min", "max_random"] = Field(
+        "pow", description="PF-PPO sampling weights from the reward: |r|^weight_pow, extremes only, or max 0.4 / rest 0.1."
+    )
+    weight_pow: float = Field(2.0, description="Exponent of the pow method.")
+
+
 class AlgorithmConfig(Section):
     adv_estimator: str = Field(
         "grpo",
-        description="gae (PPO, uses a critic), grpo, rloo, reinforce_plus_plus, "
-        "reinforce_plus_plus_baseline, remax, opo, gpg, grpo_passk.",
+        description="gae (PPO, uses a critic), grpo, grpo_vectorized, rloo, rloo_vectorized, reinforce_plus_plus, "
+        "reinforce_plus_plus_baseline, remax, opo, gpg, grpo_passk, optimal_token_baseline, "
+        "tir_optimal_token_baseline.",
     )
     gamma: float = 1.0
     lam: float = 1.0
@@ -155,12 +225,18 @@ class AlgorithmConfig(Section):
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal.")
     overlong_buffer_tokens: int = Field(0, ge=0, description="DAPO soft overlong penalty; 0 = off.")
     overlong_penalty_factor: float = 1.0
+    rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
+    use_pf_ppo: bool = Field(False, description="PF-PPO: resample the batch towards reliable (extreme) rewards.")
+    pf_ppo: PFPPOConfig = Field(default_factory=PFPPOConfig)
 
 
 class RewardModelConfig(Section):
     path: Optional[str] = Field(None, description="HF sequence-classification model; None = off.")
     weight: float = Field(1.0, description="Added to the rule reward times this weight.")
     micro_batch_sequences_per_device: int = Field(8, ge=1)
+    placement: Literal["colocated", "separate"] = Field(
+        "colocated", description="Share the actor's devices (a fraction of each), or get a resource pool of its own."
+    )
 
 
 class RewardConfig(Section):
@@ -171,6 +247,12 @@ class RewardConfig(Section):
 
 
 class SFTConfig(Section):
+    strategy: Literal["fsdp", "deepspeed"] = Field(
+        "fsdp", description="Training engine: fsdp (PyTorch FSDP2) or deepspeed (ZeRO)."
+    )
+    zero_stage: Literal[1, 2, 3] = Field(
+        3, description="strategy=deepspeed: ZeRO stage (1 optimizer states, 2 + gradients, 3 + parameters sharded)."
+    )
     max_length_tokens: int = Field(512, ge=8, description="Prompt + response, per sample.")
     batch_sequences: int = Field(8, ge=1, description="Samples per optimizer step (all devices).")
     micro_batch_sequences_per_device: int = Field(4, ge=1)
@@ -198,6 +280,11 @@ class ResourcesConfig(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bf16 on GPU and on CPUs with bf16 instructions, else fp32."
     )
+    device_memory_gb: Optional[float] = Field(
+        None, gt=0.0,
+        description="Memory of one device in GB (H100 80, H200 141, A100 80 or 40, L40S 48), used by "
+        "`verl plan`; None: this host's memory on CPU, 80 on GPU.",
+    )
 
 
 class LoggingConfig(Section):
@@ -206,6 +293,8 @@ class LoggingConfig(Section):
     )
     wandb_project: str = "verlcli"
     progress_bar: bool = True
+    verbose: bool = Field(
+        False, description="Show vLLM, Ray and worker output on the console (--verbose); else it goes to RUN_DIR/logs/.")
 
 
 class Config(Section):
@@ -234,9 +323,17 @@ class Config(Section):
         return self.resources.nodes * self.resources.devices_per_node
 
     @property
+    def estimator_needs(self):
+        """What the advantage estimator needs, as declared on its registry entry (the one
+        place; the registry is a declaration, read here lazily)."""
+        from verlcli.algorithms import ADV_ESTIMATORS
+
+        return ADV_ESTIMATORS.needs(self.algorithm.adv_estimator)
+
+    @property
     def use_critic(self) -> bool:
-        return self.algorithm.adv_estimator == "gae"
+        return self.estimator_needs.critic
 
     @property
     def use_reference(self) -> bool:
-        return self.actor.use_kl_loss or self.algorithm.use_kl_in_reward
+        return self.actor.use_kl_loss or self.algorithm.use_kl_in_reward or self.estimator_needs.reference

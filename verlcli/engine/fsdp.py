@@ -12,14 +12,10 @@ at the position before it, so `log_probs` uses `logits[:, -R-1:-1] / temperature
 `input_ids[:, -R:]`, and `values` returns `values[:, -R-1:-1]` (verl's convention: the
 value of the state *before* each response token is emitted).
 
-Loss scaling over data-parallel ranks. FSDP AVERAGES gradients over ranks (the
-reduce-scatter divides by world size). A loss normalized by a GLOBAL count (tokens or
-sequences summed over all ranks, see `verlcli.algorithms.aggregation`) is a partial sum
-of the global mean, so multiply it by `engine.world_size` before `backward` to get the
-gradient of the exact global mean; gradient accumulation over micro-batches then just
-sums (call `backward` per micro-batch, `step` once). A loss that is already a per-rank
-mean needs no factor (FSDP's average is then the mean of rank means).
-`all_reduce_sum` sums a count over ranks.
+Loss scaling over data-parallel ranks. Callers pass `backward` this rank's share of the
+global loss (normalized by counts summed over all ranks, see `engine/base.py`). FSDP
+AVERAGES gradients over ranks (the reduce-scatter divides by world size), so `backward`
+multiplies by the world size to get the gradient of the exact global mean.
 
 Precision. fp32 master weights always. On GPU, bf16 compute through FSDP's
 `MixedPrecisionPolicy` (fp32 gradient reduction); on CPU, `torch.autocast` to bf16
@@ -38,14 +34,13 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     set_model_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -59,9 +54,9 @@ from torch.distributed.tensor import DTensor
 
 from verlcli.config.schema import LoraConfig, OptimConfig
 from verlcli.engine import checkpoint as ckpt
+from verlcli.engine.base import Kind, NamedTensors, TrainEngine
 from verlcli.engine.optim import build_optimizer, build_scheduler
 
-Kind = Literal["causal_lm", "value"]
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -167,7 +162,7 @@ def _decoder_layers(model: nn.Module, hf_model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-class FSDPEngine:
+class FSDPEngine(TrainEngine):
     """A HF model on this rank's shard of an FSDP2 mesh, with optimizer and schedule.
 
     See the module docstring for the sequence layout and the loss-scaling convention.
@@ -313,8 +308,8 @@ class FSDPEngine:
     # ------------------------------------------------------------------ training
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Accumulates gradients (see the module docstring for world-size scaling)."""
-        loss.backward()
+        """Accumulates gradients of this rank's share of the global loss."""
+        (loss * self.world_size).backward()  # FSDP averages over ranks
 
     def step(self) -> dict[str, float]:
         """Clip, update (skipped if the gradient norm is not finite), zero grads, advance
@@ -355,15 +350,46 @@ class FSDPEngine:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t if torch.is_tensor(x) else float(t)
 
+    def num_parameters(self) -> tuple[int, int]:
+        # FSDP2 parameters are DTensors: numel() is the full (unsharded) size on every rank.
+        return (sum(p.numel() for p in self.trainable),
+                sum(p.numel() for p in self.model.parameters()))
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        was_training = self.model.training
+        self.model.train(False)
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
     # ------------------------------------------------------------------ weights out
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full, unsharded weights under the HF model's names, on EVERY rank (a
-        collective: all ranks must call it). LoRA adapters come merged into the base
-        weights (W + alpha/r · B·A); tied weights appear under every name (lm_head.weight
-        included — a rollout engine otherwise keeps its old output layer)."""
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        return ckpt.to_hf_state_dict(sd, self.lora_scale, self.tied_aliases)
+    def weight_buckets(self, bucket_bytes: int,
+                       dtype: torch.dtype | None = None) -> Iterator[NamedTensors]:
+        """Full weights under HF names in buckets of at most `bucket_bytes` (collective).
+        Each tensor is all-gathered from its DTensor shards on its own and cast at once, so
+        a rank holds one bucket plus one fp32 tensor, never the whole model. LoRA adapters
+        come merged into the base weights (W + alpha/r · B·A); tied weights appear under
+        every name."""
+        from verlcli.engine.buckets import stream_weights
+
+        sharded = self.model.state_dict()  # references to the local shards, no copies
+        yield from stream_weights(list(sharded), lambda name: self._gather(sharded[name]),
+                                  bucket_bytes, dtype, self.lora_scale, self.tied_aliases)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The full tensor behind one shard (a collective), on the compute device."""
+        if isinstance(t, DTensor):
+            if t.device.type != self.device.type:  # CPU-offloaded shards on a GPU mesh
+                t = t.to(self.device)
+            local = t.to_local()
+            full = t.full_tensor()
+            # One rank: the "gathered" tensor may be the live parameter; callers keep
+            # buckets across optimizer steps (full_state_dict), so hand out a copy.
+            t = full.clone() if full.data_ptr() == local.data_ptr() else full
+        return t.detach()
 
     @property
     def lora_scale(self) -> float | None:

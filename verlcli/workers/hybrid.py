@@ -9,20 +9,19 @@ Roles decide what the process holds: the default colocated group has all of them
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
 from verlcli.data.batch import Batch
 from verlcli.distributed import Worker, register
 from verlcli.workers import seq
-from verlcli.workers.losses import actor_micro_loss, critic_micro_loss, mean_metrics
+from verlcli.workers.losses import actor_micro_loss, critic_micro_loss, log_probs_and_sum_pi_squared, mean_metrics
 
 
 class HybridWorker(Worker):
     def setup(self, cfg: dict, roles: list[str], total_steps: int):
         from verlcli.config.schema import Config
-        from verlcli.engine import FSDPEngine
+        from verlcli.engine import make_engine
         from verlcli.models.resolve import resolve_model
         from transformers import AutoTokenizer
 
@@ -39,17 +38,21 @@ class HybridWorker(Worker):
         self.actor = self.ref = self.critic = self.rollout = None
         # vLLM frees its GPU memory while the trainer runs (sleep/wake); a no-op on CPU.
         self.sleeps = self.device_type == "cuda" and cfg.rollout.free_cache_engine
+        # ... and the trainer frees it while vLLM generates (only when asked: it costs copies).
+        self.offload_trainer = self.device_type == "cuda" and (
+            cfg.rollout.offload_trainer or cfg.actor.offload_params or cfg.actor.offload_optimizer)
+        self.mode = "trainer"
         if "actor" in roles:
-            self.actor = FSDPEngine(path, kind="causal_lm", optim=cfg.actor.optim, total_optimizer_steps=optimizer_steps(cfg.actor),
+            self.actor = make_engine(cfg.actor, path, kind="causal_lm", optim=cfg.actor.optim, total_optimizer_steps=optimizer_steps(cfg.actor),
                                     lora=cfg.model.lora if cfg.model.lora.rank else None,
                                     offload_params=cfg.actor.offload_params,
                                     offload_optimizer=cfg.actor.offload_optimizer, **common)
         if "ref" in roles:
-            self.ref = FSDPEngine(path, kind="causal_lm", optim=None, total_optimizer_steps=0,
+            self.ref = make_engine(cfg.actor, path, kind="causal_lm", optim=None, total_optimizer_steps=0,
                                   offload_params=cfg.actor.offload_params, **common)
         if "critic" in roles:
             cpath = str(resolve_model(cfg.critic.model_path or cfg.model.path))
-            self.critic = FSDPEngine(cpath, kind="value", optim=cfg.critic.optim, total_optimizer_steps=optimizer_steps(cfg.critic),
+            self.critic = make_engine(cfg.critic, cpath, kind="value", optim=cfg.critic.optim, total_optimizer_steps=optimizer_steps(cfg.critic),
                                      offload_params=cfg.critic.offload_params,
                                      offload_optimizer=cfg.critic.offload_optimizer, **common)
         if "rollout" in roles:
@@ -65,28 +68,60 @@ class HybridWorker(Worker):
         dtype = r.dtype
         if dtype == "auto":
             dtype = "bfloat16" if resolve_compute_dtype(self.device_type, self.cfg.resources.compute_dtype) == torch.bfloat16 else "float32"
+        self.rollout_dtype = getattr(torch, dtype)
+        tp = r.tensor_parallel_size
         self.rollout = make_rollout(
             r.engine, path, device=self.device_type, dtype=dtype,
             max_model_len=d.max_prompt_tokens + d.max_response_tokens + 8,
-            seed=self.cfg.trainer.seed + self.rank, gpu_memory_utilization=r.gpu_memory_utilization,
-            cpu_kvcache_gb=r.cpu_kvcache_gb, enable_sleep=self.sleeps,
+            # The TP ranks of one engine sample in lockstep: same seed, same prompts.
+            seed=self.cfg.trainer.seed + self.rank // tp, gpu_memory_utilization=r.gpu_memory_utilization,
+            cpu_kvcache_gb=r.cpu_kvcache_gb, enable_sleep=self.sleeps, tensor_parallel_size=tp,
+            trust_remote_code=self.cfg.model.trust_remote_code,
         )
         if self.sleeps:
             self.rollout.sleep()
 
-    @register(dispatch="all")
-    def sync_weights(self) -> dict:
-        """Actor weights → rollout engine, in memory (gathered full tensors on every rank)."""
-        t0 = time.perf_counter()
-        state = self.actor.full_state_dict()
-        gather_s = time.perf_counter() - t0
+    # ------------------------------------------------------------------ memory modes
+    # GPU order (verl's hybrid engine, slime): update → sync buckets → offload trainer → wake
+    # rollout → generate → sleep rollout → load trainer. Every trainer-side method enters
+    # trainer mode first, generate enters rollout mode; on CPU both are no-ops.
+    def _trainer_engines(self):
+        return [e for e in (self.actor, self.ref, self.critic) if e is not None]
+
+    def _rollout_mode(self) -> None:
+        if self.mode == "rollout":
+            return
+        if self.offload_trainer:
+            for engine in self._trainer_engines():
+                engine.offload_to_cpu()
         if self.sleeps:
             self.rollout.wake()
-        stats = self.rollout.sync_weights(state)
-        del state
-        return {"sync/gather_s": gather_s, **{f"sync/{k.removeprefix('sync_')}": v for k, v in stats.items()}}
+        self.mode = "rollout"
 
-    @register(dispatch="dp")
+    def _trainer_mode(self) -> None:
+        if self.mode == "trainer":
+            return
+        if self.sleeps:
+            self.rollout.sleep()
+        if self.offload_trainer:
+            for engine in self._trainer_engines():
+                engine.load_to_device()
+        self.mode = "trainer"
+
+    @register(dispatch="all")
+    def sync_weights(self) -> dict:
+        """Actor weights → rollout engine in memory, streamed: each bucket of at most
+        rollout.sync_bucket_mb is gathered from the shards, cast to the rollout dtype and
+        loaded before the next one is gathered (no rank holds the whole model)."""
+        self._trainer_mode()  # the shards must be on the device to be gathered
+        if self.sleeps:
+            self.rollout.wake(tags=["weights"])  # the KV cache stays freed while we stream
+        buckets = self.actor.weight_buckets(self.cfg.rollout.sync_bucket_mb << 20, self.rollout_dtype)
+        stats = self.rollout.sync_weight_buckets(buckets)
+        self._rollout_mode()
+        return {f"sync/{k.removeprefix('sync_')}": v for k, v in stats.items()}
+
+    @register(dispatch="replica")
     def generate(self, batch: Batch) -> Batch:
         """One response per row (the driver repeats prompts n times). Sampling from batch.meta."""
         from verlcli.rollout.base import SamplingSpec
@@ -95,11 +130,9 @@ class HybridWorker(Worker):
         spec = SamplingSpec(n=1, temperature=m["temperature"], top_p=m["top_p"], top_k=m["top_k"],
                             max_tokens=self.cfg.data.max_response_tokens, stop=list(self.cfg.rollout.stop))
         prompts = [list(p) for p in batch["prompt_ids"]]
-        if self.sleeps:
-            self.rollout.wake()
+        self._rollout_mode()
         outs = self.rollout.generate(prompts, spec)
-        if self.sleeps:
-            self.rollout.sleep()
+        self._trainer_mode()
         rows = seq.build_rows(prompts, [o.response_ids for o in outs], [o.logprobs for o in outs], self.pad_id,
                               self.cfg.data.max_prompt_tokens, self.cfg.data.max_response_tokens)
         out = Batch(rows, {"finish_reason": [o.finish_reason for o in outs]})
@@ -110,6 +143,7 @@ class HybridWorker(Worker):
         """Run fn(inputs, r_keep) -> tuple of [b, r_keep] tensors over micro-batches; return
         each output as a fixed-width [B, R] tensor."""
         R = batch["responses"].shape[1]
+        self._trainer_mode()
         size = self.cfg.actor.micro_batch_sequences_per_device * 2  # no grads: bigger micro-batches
         outs = []
         with torch.no_grad():
@@ -123,6 +157,9 @@ class HybridWorker(Worker):
         """Old log-probs, and the policy entropy (measured here, without grad, so the update
         only pays for entropy when it is a loss term)."""
         t = batch.meta.get("temperature", 1.0)
+        if self.cfg.estimator_needs.sum_pi_squared:  # optimal token baseline: Σπ² too
+            lp, entropy, s2 = self._forward_rows(batch, lambda x, r: log_probs_and_sum_pi_squared(self.actor, x, r, t))
+            return Batch({"old_log_probs": lp, "entropy": entropy, "sum_pi_squared": s2})
         lp, entropy = self._forward_rows(batch, lambda x, r: self.actor.log_probs(
             **x, response_len=r, temperature=t, with_entropy=True))
         return Batch({"old_log_probs": lp, "entropy": entropy})
@@ -145,6 +182,7 @@ class HybridWorker(Worker):
 
     def _update(self, engine, batch: Batch, pc, micro_loss) -> dict:
         """Epochs × mini-batches × micro-batches; one optimizer step per mini-batch."""
+        self._trainer_mode()
         metrics = []
         for _ in range(pc.epochs):
             for mini in self._mini_batches(batch, pc.mini_batch_prompts):
@@ -156,10 +194,10 @@ class HybridWorker(Worker):
                 g_seqs = int(engine.all_reduce_sum(float((mask.sum(-1) > 0).sum())))
                 for micro in mini.chunks_of(pc.micro_batch_sequences_per_device):
                     loss, m = micro_loss(engine, micro, self.cfg, g_tokens, g_seqs)
-                    engine.backward(loss * engine.world_size)  # FSDP averages over ranks
-                    # 'sum:' metrics are this rank's share of the global mean; × world so the
+                    engine.backward(loss)  # this rank's share of the global mean
+                    # 'sum:' metrics are this rank's share of the global mean; × dp size so the
                     # driver's average over ranks gives the global value.
-                    metrics.append({k: v * engine.world_size if k.startswith("sum:") else v for k, v in m.items()})
+                    metrics.append({k: v * engine.dp_size if k.startswith("sum:") else v for k, v in m.items()})
                 metrics.append(engine.step())
         return mean_metrics(metrics)
 
@@ -175,6 +213,7 @@ class HybridWorker(Worker):
     # ------------------------------------------------------------------ checkpoints
     @register(dispatch="all")
     def save_checkpoint(self, step_dir: str, extra: dict) -> bool:
+        self._trainer_mode()
         for role, engine in (("actor", self.actor), ("critic", self.critic)):
             if engine is not None:
                 engine.save_checkpoint(os.path.join(step_dir, role), extra)
@@ -182,6 +221,7 @@ class HybridWorker(Worker):
 
     @register(dispatch="rank0")
     def load_checkpoint(self, step_dir: str) -> dict:
+        self._trainer_mode()
         extra = {}
         for role, engine in (("actor", self.actor), ("critic", self.critic)):
             if engine is not None:

@@ -1,14 +1,15 @@
-"""The SFT worker: one FSDP2 engine per data-parallel rank, trained on assistant tokens.
+"""The SFT worker: one training engine (`sft.strategy`) per rank, trained on assistant tokens.
 
 The driver sends each step's samples as a `Batch` whose non-tensor columns `input_ids` and
 `loss_mask` hold one token list per sample; `dp` dispatch gives every rank the same number
 of samples. A rank cuts its share into micro-batches of `sft.micro_batch_sequences_per_device`
 samples (packed into rows with a block-diagonal mask, or right-padded: verlcli.data.packing),
-so every rank runs the same number of forward/backward passes — FSDP's collectives need that.
+so every rank runs the same number of forward/backward passes — sharded engines' collectives
+need that.
 
 Loss: the mean over every loss token of the step on ALL ranks. Each micro-batch contributes
-sum(CE) / global_tokens, times world_size because FSDP averages gradients over ranks; so the
-gradient is that of the exact global token mean however the batch is split or packed.
+sum(CE) / global_tokens (this rank's share; the engine scales for its gradient reduction), so
+the gradient is that of the exact global token mean however the batch is split or packed.
 """
 
 from __future__ import annotations
@@ -50,22 +51,21 @@ class SFTWorker(Worker):
         from transformers import AutoTokenizer
 
         from verlcli.config.schema import Config
-        from verlcli.engine import FSDPEngine
+        from verlcli.engine import make_engine
         from verlcli.models.resolve import resolve_model
 
         self.cfg = cfg = Config.model_validate(cfg)
         path = str(resolve_model(cfg.model.path))
         tok = AutoTokenizer.from_pretrained(path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.engine = FSDPEngine(
-            path, kind="causal_lm", optim=cfg.sft.optim, total_optimizer_steps=total_steps,
+        self.engine = make_engine(
+            cfg.sft, path, kind="causal_lm", optim=cfg.sft.optim, total_optimizer_steps=total_steps,
             device=self.device_type, compute_dtype=cfg.resources.compute_dtype,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             lora=cfg.model.lora if cfg.model.lora.rank else None, seed=cfg.trainer.seed,
         )
-        # FSDP2 parameters are DTensors: numel() is the full (unsharded) size on every rank.
-        return {"trainable_params": sum(p.numel() for p in self.engine.trainable),
-                "total_params": sum(p.numel() for p in self.engine.model.parameters())}
+        trainable, total = self.engine.num_parameters()
+        return {"trainable_params": trainable, "total_params": total}
 
     def _micro_batches(self, samples: list[dict], size: int) -> list[dict]:
         s = self.cfg.sft
@@ -88,7 +88,7 @@ class SFTWorker(Worker):
         loss_sum = 0.0
         for mb in micro:
             ce_sum, _ = token_loss_sum(self._logits(mb), mb["targets"], mb["target_mask"])
-            engine.backward(ce_sum / global_tokens * engine.world_size)  # FSDP averages over ranks
+            engine.backward(ce_sum / global_tokens)  # this rank's share of the global mean
             loss_sum += float(ce_sum.detach())
         stats = engine.step()
         tokens = sum(mb["tokens"] for mb in micro)
@@ -106,18 +106,12 @@ class SFTWorker(Worker):
     @register(dispatch="dp")
     def eval_loss(self, batch: Batch) -> dict:
         """This rank's {sum, count} of the token cross-entropy; the driver adds the ranks up."""
-        model = self.engine.model
-        was_training = model.training
-        model.train(False)  # no dropout in validation
         total, count = 0.0, 0
-        try:
-            with torch.no_grad():
-                # No gradients or optimizer state to hold: twice the training micro-batch fits.
-                for mb in self._micro_batches(samples_of(batch), 2 * self.cfg.sft.micro_batch_sequences_per_device):
-                    s, n = token_loss_sum(self._logits(mb), mb["targets"], mb["target_mask"])
-                    total, count = total + float(s), count + n
-        finally:
-            model.train(was_training)
+        with self.engine.eval_mode(), torch.no_grad():  # no dropout in validation
+            # No gradients or optimizer state to hold: twice the training micro-batch fits.
+            for mb in self._micro_batches(samples_of(batch), 2 * self.cfg.sft.micro_batch_sequences_per_device):
+                s, n = token_loss_sum(self._logits(mb), mb["targets"], mb["target_mask"])
+                total, count = total + float(s), count + n
         return {"sum": total, "count": count}
 
     # ------------------------------------------------------------------ checkpoints
