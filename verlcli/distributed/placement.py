@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,19 +55,104 @@ def worker_env(extra: dict | None = None) -> dict[str, str]:
     return env
 
 
-def _running_cluster_address() -> str | None:
-    """RAY_ADDRESS, or the cluster `ray start --head` left on this machine; None if neither."""
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"]
+def _ray_temp_dir() -> Path:
+    """Where Ray keeps its state on this machine ($RAY_TMPDIR/ray, else /tmp/ray)."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+
+        return Path(get_default_ray_temp_dir())
+    except Exception:  # private API moved: Ray's documented default
+        return Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray"
+
+
+def _remembered_address() -> str | None:
+    """The cluster `ray start --head` left on this machine: a live GCS process, or the
+    address Ray wrote to its temp dir (which outlives a killed cluster)."""
     try:
         from ray._private.services import get_ray_address_from_environment
 
-        return get_ray_address_from_environment(None, None)
+        saved = os.environ.pop("RAY_ADDRESS", None)  # only what Ray remembered, not the env
+        try:
+            return get_ray_address_from_environment(None, str(_ray_temp_dir()))
+        finally:
+            if saved is not None:
+                os.environ["RAY_ADDRESS"] = saved
     except Exception:  # private API moved: fall back to the file `ray start` writes
-        marker = Path("/tmp/ray/ray_current_cluster")
+        marker = _ray_temp_dir() / "ray_current_cluster"
         if not marker.exists():
             return None
         return marker.read_text().strip() or None
+
+
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _answers(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether a gRPC server (Ray's GCS or client server) answers at host:port / ray://host:port.
+
+    Ray itself retries a dead GCS address for minutes; this takes at most ~2 × `timeout_s`.
+    A bare TCP connect is not enough (proxies and firewalls accept connections to dead
+    hosts): the HTTP/2 preface must get an HTTP/2 SETTINGS frame back, as gRPC servers send."""
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+            if head[3] != 0x04:  # frame type SETTINGS
+                return False
+    except (OSError, ValueError):
+        return False
+    return address.startswith("ray://") or _gcs_answers(hostport, timeout_s)
+
+
+def _gcs_answers(hostport: str, timeout_s: float) -> bool:
+    """Ask the GCS for a key with Ray's own client, in a thread we can stop waiting for."""
+    import threading
+
+    answer = []
+
+    def ask():
+        try:
+            from ray._raylet import GcsClient
+
+            GcsClient(address=hostport).internal_kv_get(b"verl-probe", None, timeout=timeout_s)
+            answer.append(True)
+        except Exception:  # noqa: BLE001 - any failure means "not a live GCS"
+            answer.append(False)
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(2 * timeout_s)
+    return bool(answer and answer[0])
+
+
+def _cluster_address(address: str | None) -> str | None:
+    """The address to join, or None to start a local instance. A dead address given by the
+    user (argument or RAY_ADDRESS) is an error; a dead one Ray remembered is skipped."""
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given and given != "auto":
+        if not _answers(given):
+            where = "RAY_ADDRESS" if not address else "the Ray address"
+            raise UserError(
+                f"{where}={given} does not answer: no Ray cluster is listening there",
+                fix="start the cluster (`ray start --head` on that node, `ray start --address "
+                f"{given}` on the others), correct the address, or unset RAY_ADDRESS to run on a "
+                "private local Ray instance",
+            )
+        return given
+    found = _remembered_address()
+    if found and not _answers(found):
+        print(f"warning: ignoring Ray cluster address {found} remembered in {_ray_temp_dir()}: "
+              "nothing answers there (the cluster is gone); starting a local Ray instance", flush=True)
+        return None
+    return found
 
 
 def ray_init(num_cpus: int | None = None, env: dict | None = None, address: str | None = None) -> None:
@@ -80,7 +166,7 @@ def ray_init(num_cpus: int | None = None, env: dict | None = None, address: str 
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": worker_env(env)}
-    found = None if address == "local" else (address or _running_cluster_address())
+    found = None if address == "local" else _cluster_address(address)
     if found:
         # An existing cluster has its own resource counts; num_cpus is not allowed here.
         ray.init(address=found, runtime_env=runtime_env, log_to_driver=True)
