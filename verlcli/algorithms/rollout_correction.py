@@ -26,6 +26,7 @@ the measure, not the objective) and log ratios are clamped to [−20, 20] before
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
@@ -116,14 +117,21 @@ def _thresholds(options: list[str], spec) -> dict[str, tuple[float | None, float
     return out
 
 
+def check_rejection(options: str, threshold) -> tuple[list[str], dict]:
+    """(option names, their bounds), or UserError naming the bad option or threshold."""
+    names = list(dict.fromkeys(o.strip() for o in str(options).split(",") if o.strip()))
+    for name in names or [str(options)]:
+        if name not in RS_OPTIONS:
+            close = difflib.get_close_matches(name, RS_OPTIONS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UserError(f"unknown rollout_rs option {name!r} for algorithm.rollout_correction.rollout_rs",
+                            fix=f"{hint}use any of (comma-separated): {', '.join(RS_OPTIONS)}")
+    return names, _thresholds(names, threshold)
+
+
 def rejection_mask(log_ratio, mask, options: str, threshold):
     """(mask with rejected tokens set to 0, metrics) — see the module docstring."""
-    names = list(dict.fromkeys(o.strip() for o in options.split(",") if o.strip()))
-    for name in names:
-        if name not in RS_OPTIONS:
-            raise UserError(f"unknown rollout_rs option {name!r}",
-                            fix=f"set algorithm.rollout_correction.rollout_rs to any of: {', '.join(RS_OPTIONS)}")
-    limits = _thresholds(names, threshold)
+    names, limits = check_rejection(options, threshold)
     fmask = mask.float()
     valid = fmask.bool()
     lr = log_ratio.detach().float().clamp(-BOUND, BOUND)

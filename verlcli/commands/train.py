@@ -13,7 +13,9 @@ import typer
 
 DEFAULT_PRESET = "smollm2-135m-cpu"
 
-# What each verb changes relative to the schema defaults (the user can still override it).
+# What each verb means: these win over a preset's choice; only the user's --config or
+# KEY=VALUE overrides change them (so `verl ppo --preset X` is PPO with a critic whatever X
+# picks). `verl sft` also reads the SFT twins of the data files (config.loader).
 VERB_DEFAULTS = {
     "grpo": {"algorithm": {"adv_estimator": "grpo"}},
     "ppo": {"algorithm": {"adv_estimator": "gae"}},
@@ -26,7 +28,19 @@ def resolve(kind: str, preset: str | None, config: str | None, overrides: list[s
 
     if preset is None and config is None:
         preset = DEFAULT_PRESET
-    return load_config(preset=preset, config_file=config, overrides=overrides, base=VERB_DEFAULTS[kind])
+    return load_config(preset=preset, config_file=config, overrides=overrides,
+                       verb_defaults=VERB_DEFAULTS[kind], verb=kind)
+
+
+def verb_notice(kind: str, cfg) -> str | None:
+    """One line when the user's estimator makes the verb mean something else."""
+    if kind == "ppo" and not cfg.use_critic:
+        return (f"note: verl ppo with algorithm.adv_estimator={cfg.algorithm.adv_estimator} runs without a critic "
+                "(that estimator needs none); drop the override for PPO with a critic (gae)")
+    if kind == "grpo" and cfg.use_critic:
+        return (f"note: verl grpo with algorithm.adv_estimator={cfg.algorithm.adv_estimator} trains a critic; "
+                "`verl ppo` is the same run")
+    return None
 
 
 def print_plan(kind: str, cfg) -> None:
@@ -47,6 +61,7 @@ def print_plan(kind: str, cfg) -> None:
         table.add_row(k.replace("_", " "), str(v))
     console.print(table)
     if kind != "sft":
+        _print_placement(console, cfg)
         console.print(
             f"critic: {'on' if cfg.use_critic else 'off'} (algorithm.adv_estimator={cfg.algorithm.adv_estimator}); "
             f"reference model: {'on' if cfg.use_reference else 'off'}; launcher: {cfg.launcher}; "
@@ -54,16 +69,63 @@ def print_plan(kind: str, cfg) -> None:
         )
 
 
+def _print_placement(console, cfg) -> None:
+    """Where the worker groups go, and whether they fit on the devices this machine can see."""
+    from rich.table import Table
+
+    from verlcli.config.arithmetic import check_placement, placement_plan
+
+    plan = placement_plan(cfg)
+    table = Table(title="placement")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for k, v in plan.as_dict().items():
+        table.add_row(k, str(v))
+    console.print(table)
+    device = cfg.resources.device
+    try:
+        import torch
+
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else None
+    except ImportError:  # pragma: no cover
+        cuda = None
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    if device == "cuda" and cuda is None:
+        console.print("devices present: no CUDA device on this machine; a run checks the Ray cluster before it starts")
+    import os
+
+    check_placement(plan, device, cuda, os.cpu_count())
+
+
+def print_preflight(kind: str, cfg) -> None:
+    """The checks a real run does before it starts; a failure raises UserError (exit 2)."""
+    from verlcli.trainer.preflight import preflight
+
+    checked = preflight(cfg, kind, dry_run=True)
+    for line in checked.lines:
+        print(f"ok: {line}")
+    for line in checked.warnings:
+        print(f"warning: {line}")
+
+
 def make_command(kind: str, example: str):
     def command(
         overrides: Optional[List[str]] = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. actor.optim.lr=1e-6"),
         preset: Optional[str] = typer.Option(None, "--preset", "-p", help=f"Preset name or YAML path (default {DEFAULT_PRESET}); `verl presets` lists them."),
         config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file (sparse, over the preset)."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and batch arithmetic, then exit."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and batch arithmetic, check "
+                                     "data, model, rewards and run directory, then exit (nothing is written)."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show vLLM, Ray and worker output on the console "
+                                     "(else it goes to RUN_DIR/logs/); same as logging.verbose=true."),
     ):
-        cfg = resolve(kind, preset, config, overrides or [])
+        cfg = resolve(kind, preset, config, (overrides or []) + (["logging.verbose=true"] if verbose else []))
+        notice = verb_notice(kind, cfg)
+        if notice:
+            print(notice)
         if dry_run:
             print_plan(kind, cfg)
+            print_preflight(kind, cfg)
             return
         if kind == "sft":
             from verlcli.trainer.sft import run_sft

@@ -42,7 +42,7 @@ def rl_plan(cfg: Config) -> BatchPlan:
     n = cfg.rollout.n
     dp = cfg.world_size
     a = cfg.actor
-    if cfg.algorithm.adv_estimator in ("grpo", "rloo", "opo", "grpo_passk", "reinforce_plus_plus_baseline") and n < 2:
+    if cfg.estimator_needs.group and n < 2:  # declared on the estimator's registry entry
         raise UserError(
             f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} compares responses within a group, "
             f"but rollout.n={n}",
@@ -55,6 +55,7 @@ def rl_plan(cfg: Config) -> BatchPlan:
         )
     for role, pc in (("actor", a), ("critic", cfg.critic)) if cfg.use_critic else (("actor", a),):
         _check_policy_batches(role, pc.mini_batch_prompts, pc.micro_batch_sequences_per_device, P, n, dp)
+    check_rollout_tp(cfg, model_config_json(cfg.model.path) if cfg.rollout.tensor_parallel_size > 1 else None)
     M = a.mini_batch_prompts
     mini_seqs = M * n
     per_dev = mini_seqs // dp
@@ -70,6 +71,68 @@ def rl_plan(cfg: Config) -> BatchPlan:
         sequences_per_device_per_mini_batch=per_dev,
         max_sequence_tokens=cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
     )
+
+
+def model_config_json(path: str) -> dict | None:
+    """The model's config.json without loading or downloading anything: a local directory,
+    a built-in already built, or a hub id already in the HF cache; None otherwise."""
+    import json
+    from pathlib import Path
+
+    from verlcli.models.builtin import BUILTINS, models_dir
+
+    candidates = [Path(path).expanduser() / "config.json"]
+    if path in BUILTINS:
+        candidates.append(models_dir() / path / "config.json")
+    elif path.count("/") == 1:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "config.json")
+            if isinstance(cached, str):
+                candidates.append(Path(cached))
+        except Exception:  # noqa: BLE001 - a cache lookup must never fail the check
+            pass
+    for c in candidates:
+        if c.is_file():
+            return json.loads(c.read_text())
+    return None
+
+
+def tp_fits(tp: int, heads: int, kv_heads: int) -> bool:
+    """vLLM's rule: TP divides the attention heads, and divides the KV heads or is a multiple
+    of them (KV heads are then replicated)."""
+    return heads % tp == 0 and (kv_heads % tp == 0 or tp % kv_heads == 0)
+
+
+def check_rollout_tp(cfg: Config, model_config: dict | None) -> None:
+    """rollout.tensor_parallel_size against the world size and (when known) the model's heads."""
+    tp, world = cfg.rollout.tensor_parallel_size, cfg.world_size
+    if tp == 1:
+        return
+    if cfg.rollout.engine != "vllm":
+        raise UserError(f"rollout.tensor_parallel_size={tp} needs rollout.engine=vllm "
+                        f"(rollout.engine={cfg.rollout.engine})",
+                        fix="set rollout.engine=vllm, or rollout.tensor_parallel_size=1")
+    if world % tp:
+        raise UserError(
+            f"rollout.tensor_parallel_size={tp} does not divide the {world} workers "
+            "(resources.nodes × resources.devices_per_node)",
+            fix=f"set rollout.tensor_parallel_size to a divisor of {world} (e.g. {_divisors_hint(world)})")
+    if model_config is None:
+        return  # not on disk yet: checked again once the model is resolved
+    text = model_config.get("text_config") or model_config
+    heads = text.get("num_attention_heads")
+    if not heads:
+        return
+    kv = text.get("num_key_value_heads") or heads
+    if not tp_fits(tp, heads, kv):
+        works = [t for t in range(1, world + 1) if world % t == 0 and tp_fits(t, heads, kv)]
+        raise UserError(
+            f"rollout.tensor_parallel_size={tp} does not fit model {cfg.model.path}: it has "
+            f"{heads} attention heads and {kv} KV heads (TP must divide the heads, and divide "
+            "or be a multiple of the KV heads)",
+            fix=f"set rollout.tensor_parallel_size to one of: {', '.join(map(str, works))}")
 
 
 def _check_policy_batches(role: str, M: int, micro: int, P: int, n: int, dp: int) -> None:
@@ -140,13 +203,100 @@ def check_resources(cfg: Config, cuda_available: bool | None = None, cpu_count: 
             f"launcher=local runs one process, but resources asks for {cfg.world_size} workers",
             fix="set resources.nodes=1 resources.devices_per_node=1, or use launcher=ray",
         )
-    if device == "cpu" and r.nodes == 1:
-        cpus = cpu_count or os.cpu_count() or 1
-        need = r.devices_per_node * r.cpus_per_worker
-        if need > cpus:
-            raise UserError(
-                f"{r.devices_per_node} CPU workers × resources.cpus_per_worker={r.cpus_per_worker} "
-                f"need {need:g} cores, this machine has {cpus}",
-                fix=f"lower resources.devices_per_node or resources.cpus_per_worker (≤ {cpus} cores in total)",
-            )
+    cuda_devices = None
+    if device == "cuda" and cuda_available:
+        import torch
+
+        cuda_devices = torch.cuda.device_count() or None  # None: not knowable here
+    check_placement(placement_plan(cfg), device, cuda_devices, cpu_count or os.cpu_count() or 1)
     return device
+
+
+# ---------------------------------------------------------------------------- placement
+
+
+@dataclass
+class PlacementPlan:
+    """Which worker groups share the run's devices and which get a pool of their own.
+
+    The run's pool is resources.nodes × devices_per_node devices. Every colocated group puts
+    rank r on device r and takes 1/len(colocated) of it (GPU and CPU). A `*.placement=separate`
+    group reserves another world_size devices of its own.
+    """
+
+    colocated: list[str]
+    separate: list[str]
+    world_size: int
+    nodes: int
+    devices_per_node: int
+    device: str
+    cpus_per_worker: float
+
+    @property
+    def share(self) -> float:
+        return 1.0 / len(self.colocated)
+
+    @property
+    def pools(self) -> int:
+        return 1 + len(self.separate)
+
+    @property
+    def devices_needed(self) -> int:
+        return self.world_size * self.pools
+
+    @property
+    def cpus_needed(self) -> float:
+        return self.world_size * self.cpus_per_worker * self.pools
+
+    def as_dict(self) -> dict:
+        unit = {"cuda": "GPUs", "cpu": "CPU workers"}.get(self.device, "devices")
+        share = f"1/{len(self.colocated)} of a device" if len(self.colocated) > 1 else "a whole device"
+        rows = {
+            "colocated on the run's devices": f"{' + '.join(self.colocated)} ({share} each)",
+            "own resource pool": ", ".join(self.separate) or "none",
+            "resource pools": f"{self.pools} × ({self.nodes} node(s) × {self.devices_per_node} {unit})",
+            "devices needed": self.devices_needed,
+            "nodes needed": self.nodes * self.pools if self.separate else self.nodes,
+            "CPUs reserved": f"{self.cpus_needed:g}",
+        }
+        return rows
+
+
+def placement_plan(cfg: Config) -> PlacementPlan:
+    """The groups an RL run starts and where they go (the trainer builds exactly this)."""
+    hybrid = "actor+rollout" + ("+ref" if cfg.use_reference else "")
+    separate = []
+    if cfg.use_critic:
+        if cfg.critic.placement == "separate":
+            separate.append("critic")
+        else:
+            hybrid += "+critic"  # the critic lives in the actor's worker process
+    colocated = [hybrid]
+    if cfg.reward.model.path:
+        (separate if cfg.reward.model.placement == "separate" else colocated).append("reward_model")
+    r = cfg.resources
+    return PlacementPlan(colocated, separate, cfg.world_size, r.nodes, r.devices_per_node, r.device,
+                         r.cpus_per_worker)
+
+
+def check_placement(plan: PlacementPlan, device: str, cuda_devices: int | None, cpu_count: int | None) -> None:
+    """Devices needed vs present, where this machine can tell (one node). A run on a Ray
+    cluster is checked again against the cluster's resources before anything is reserved."""
+    if plan.nodes != 1:
+        return
+    keys = [f"{'critic' if g == 'critic' else 'reward.model'}.placement=separate" for g in plan.separate]
+    why = f" ({plan.world_size} for the actor + {plan.world_size} for each of {', '.join(keys)})" if keys else ""
+    fix_sep = f"set {' and '.join(k.replace('separate', 'colocated') for k in keys)} (share the actor's devices), or " if keys else ""
+    if device == "cuda" and cuda_devices is not None and plan.devices_needed > cuda_devices:
+        fit = max(cuda_devices // plan.pools, 1)
+        raise UserError(
+            f"the run needs {plan.devices_needed} GPUs{why}, this machine has {cuda_devices}",
+            fix=f"{fix_sep}set resources.devices_per_node={fit}",
+        )
+    if device == "cpu" and cpu_count is not None and plan.cpus_needed > cpu_count:
+        fit = max(int(cpu_count // (plan.pools * plan.cpus_per_worker)), 1)
+        raise UserError(
+            f"{plan.devices_needed} CPU workers{why} × resources.cpus_per_worker={plan.cpus_per_worker:g} "
+            f"need {plan.cpus_needed:g} cores, this machine has {cpu_count}",
+            fix=f"{fix_sep}lower resources.devices_per_node (≤ {fit}) or resources.cpus_per_worker",
+        )

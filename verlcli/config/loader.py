@@ -2,12 +2,16 @@
 
 Presets are sparse YAML over the schema defaults. Every layer is checked against the schema
 before anything starts, and every mistake names the key and the fix (nearest-key suggestions
-for typos, the expected type for bad values).
+for typos, the expected type for bad values). Names the config selects from a registry
+(estimator, policy loss, KL estimator, rejection options, reward function) are checked here
+too, with "did you mean", so `--dry-run` catches them: the registries in verlcli.algorithms
+are declarations, read lazily (the one upward read from config, so the names live once).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -51,7 +55,10 @@ def _read_yaml(path: Path, what: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{what} file {path} is not valid YAML: {e}", fix="fix the YAML syntax") from None
+        mark = getattr(e, "problem_mark", None)  # one line: the problem and where, not PyYAML's excerpt
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{what} file {path} is not valid YAML: {getattr(e, 'problem', None) or e}{where}",
+                        fix="fix the YAML syntax") from None
     if not isinstance(data, dict):
         raise UserError(f"{what} file {path} must hold a mapping of config keys", fix="see `verl presets NAME`")
     return data
@@ -158,21 +165,48 @@ def set_dotted(tree: dict, parts: list[str], value: Any) -> None:
 
 # ---------------------------------------------------------------- the whole thing
 
+def sft_data_files(paths: list[str]) -> list[str]:
+    """`verl prepare-data` writes DIR/train.parquet (RL) beside DIR/sft_train.parquet (SFT):
+    the SFT twin of each RL file, so `verl sft` reads what prepare-data wrote for it."""
+    twins = {"train.parquet": "sft_train.parquet", "test.parquet": "sft_test.parquet"}
+    out = []
+    for p in paths:
+        head, _, name = p.rpartition("/")
+        out.append(f"{head}/{twins[name]}" if head and name in twins else twins.get(p, p))
+    return out
+
+
 def load_config(
     preset: str | None = None,
     config_file: str | None = None,
     overrides: list[str] | None = None,
     base: dict | None = None,
+    verb_defaults: dict | None = None,
+    verb: str | None = None,
 ) -> Config:
-    """defaults ← base (command defaults) ← preset ← config file ← overrides, then validate."""
+    """defaults ← base ← preset ← verb defaults ← config file ← overrides, then validate.
+
+    `verb_defaults` are what a verb means (`verl ppo`: a critic): they win over the preset,
+    and only the user's config file or overrides change them. For `verl sft`, the data files
+    that the defaults or the preset give (RL files) become their SFT twins."""
     tree: dict = {}
     layers = [("command defaults", base or {})]
     if preset:
         layers.append((f"preset {preset}", read_preset(preset)))
-    if config_file:
-        layers.append((f"config file {config_file}", _read_yaml(Path(config_file), what="config")))
+    if verb_defaults:
+        layers.append(("verb defaults", verb_defaults))
     for where, layer in layers:
         _check_tree(layer, where)
+        tree = deep_merge(tree, layer)
+    if verb == "sft":
+        data = tree.setdefault("data", {})
+        defaults = Config.model_fields["data"].default_factory()
+        for key in ("train_files", "val_files"):
+            files = data.get(key, getattr(defaults, key))
+            data[key] = sft_data_files([files] if isinstance(files, str) else list(files))
+    if config_file:
+        layer = _read_yaml(Path(config_file), what="config")
+        _check_tree(layer, f"config file {config_file}")
         tree = deep_merge(tree, layer)
     for text in overrides or []:
         parts, value = parse_override(text)
@@ -180,7 +214,9 @@ def load_config(
         set_dotted(tree, parts, value)
     if preset:
         tree["preset"] = preset
-    return validate_tree(tree)
+    cfg = validate_tree(tree)
+    check_names(cfg)
+    return cfg
 
 
 def validate_tree(tree: dict) -> Config:
@@ -188,12 +224,43 @@ def validate_tree(tree: dict) -> Config:
         return Config.model_validate(tree)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("literal[", "function-")))
         got = err.get("input")
+        if err["type"] == "literal_error":  # a name from a fixed list: say which one was meant
+            choices = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
+            close = difflib.get_close_matches(str(got), choices, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UserError(f"unknown value {got!r} for config key '{key}'",
+                            fix=f"{hint}set {key} to one of: {', '.join(choices)}") from None
         raise UserError(
             f"bad value for config key '{key}': {err['msg']} (got {got!r})",
             fix=f"set {key} to a valid value; `verl presets NAME` shows a resolved example",
         ) from None
+
+
+def check_names(cfg: Config) -> None:
+    """Every name the config selects from a registry exists (UserError with 'did you mean'),
+    and the combinations the algorithms cannot run are refused before any worker starts."""
+    from verlcli.algorithms import ADV_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
+    from verlcli.algorithms.rollout_correction import check_rejection
+
+    ADV_ESTIMATORS.check(cfg.algorithm.adv_estimator, "algorithm.adv_estimator")
+    POLICY_LOSSES.check(cfg.actor.policy_loss, "actor.policy_loss")
+    KL_ESTIMATORS.check(cfg.algorithm.kl_penalty, "algorithm.kl_penalty")
+    KL_ESTIMATORS.check(cfg.actor.kl_loss_type, "actor.kl_loss_type")
+    rc = cfg.algorithm.rollout_correction
+    if rc.rollout_rs is not None:
+        check_rejection(rc.rollout_rs, rc.rollout_rs_threshold)
+    if rc.bypass_mode and cfg.estimator_needs.old_log_probs:
+        raise UserError(
+            f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} needs the old-policy forward pass, "
+            "which algorithm.rollout_correction.bypass_mode=true skips",
+            fix="set algorithm.rollout_correction.bypass_mode=false, or pick another estimator",
+        )
+    if cfg.reward.fn:
+        from verlcli.rewards.user import load_user_fn
+
+        load_user_fn(cfg.reward.fn)  # names the file or the function that is missing
 
 
 def to_yaml(cfg: Config) -> str:

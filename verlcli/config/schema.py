@@ -270,6 +270,9 @@ class TrainerConfig(Section):
     resume: str = Field("auto", description="auto (latest checkpoint in run_dir), never, or a checkpoint path.")
     seed: int = 1
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest k checkpoints.")
+    deterministic: bool = Field(
+        False, description="Fixed seeds per step for sampling and deterministic kernels: a resumed run's "
+        "metrics equal an uninterrupted run's step for step (CPU; slower kernels on GPU).")
 
 
 class ResourcesConfig(Section):

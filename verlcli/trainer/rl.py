@@ -6,25 +6,38 @@ across the data-parallel workers and gathered back (verlcli.distributed).
 
 from __future__ import annotations
 
-from verlcli.config.arithmetic import check_resources, rl_plan
+from verlcli.config.arithmetic import check_resources, check_rollout_tp, model_config_json, rl_plan
 from verlcli.config.loader import to_yaml
 from verlcli.trainer import run_dir as rd
 from verlcli.trainer.loggers import Tracker
 from verlcli.trainer.metrics import Timer, average, count_params, data_metrics, throughput
+from verlcli.trainer.preflight import preflight
 from verlcli.trainer.progress import Progress
 from verlcli.trainer.setup import build, teardown
 from verlcli.trainer.steps import compute_advantages, score, to_prompt_batch, validate
 
 
+def check_model_tp(cfg) -> None:
+    if cfg.rollout.tensor_parallel_size > 1:
+        from verlcli.models.resolve import resolve_model
+
+        check_rollout_tp(cfg, model_config_json(str(resolve_model(cfg.model.path))))
+
+
 def run_rl(cfg) -> dict:
     plan = rl_plan(cfg)
     device = check_resources(cfg)
+    check_model_tp(cfg)  # the heads, now that the model is on disk (rl_plan may not have seen it)
+    checked = preflight(cfg, "rl").warn()  # before the run directory is touched and before Ray
     run = rd.prepare(cfg, to_yaml)
-    w = build(cfg, device, run)  # tokenizer, data, worker groups, reward scorer, KL controller
+    w = build(cfg, device, run, checked)  # data (from preflight), worker groups, reward scorer, KL controller
     tracker = Tracker(str(run), cfg.logging.backends, cfg.logging.wandb_project, cfg.trainer.name, cfg.model_dump(mode="json"))
     start, last = 0, {}
     # One optimizer step per RL step and nothing else needs them: skip the old-log-prob pass.
-    on_policy = plan.optimizer_steps_per_step == 1 and not cfg.algorithm.use_kl_in_reward
+    # (Bypass mode skips it too: the rollout's log-probs are the old policy.)
+    rc = cfg.algorithm.rollout_correction
+    on_policy = (plan.optimizer_steps_per_step == 1 and not cfg.algorithm.use_kl_in_reward
+                 and not cfg.estimator_needs.old_log_probs and not rc.enabled)
     n_params = count_params(w.model_path) if device == "cuda" else 0
     try:
         ckpt = rd.resume_from(cfg, run)
@@ -48,7 +61,9 @@ def run_rl(cfg) -> dict:
                 tracker.log(step, {**reward_metrics, **filter_metrics})
                 progress.advance()
                 continue
-            if not on_policy:  # else the update's own forward pass gives the old log-probs
+            if rc.bypass_mode:
+                batch["old_log_probs"] = batch["rollout_log_probs"]
+            elif not on_policy:  # else the update's own forward pass gives the old log-probs
                 with timer("old_log_prob"):
                     batch = batch.union(w.actor.compute_log_probs(batch))
             if cfg.use_reference:

@@ -7,7 +7,14 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from verlcli.algorithms import ADV_ESTIMATORS, apply_kl_penalty, needs_baseline, overlong_reward_penalty
+from verlcli.algorithms import (
+    ADV_ESTIMATORS,
+    apply_kl_penalty,
+    needs_baseline,
+    overlong_reward_penalty,
+    pf_ppo_resample,
+    rollout_correction,
+)
 from verlcli.data.batch import Batch
 
 
@@ -26,6 +33,8 @@ def to_prompt_batch(cfg, items: list[dict], tokenizer, repeat: int, validation: 
         # and a GRPO group would have nothing to compare. Engines seed their own stream.
         meta={"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k},
     )
+    if cfg.trainer.deterministic:  # engines restart their stream from this (+ rank) each call
+        batch.meta["rng_seed"] = cfg.trainer.seed * 1_000_003 + (-1 if validation else step)
     return batch.repeat(repeat, interleave=True)
 
 
@@ -96,14 +105,27 @@ def compute_advantages(cfg, w, batch: Batch) -> tuple[Batch, dict]:
         rewards, kl_m = apply_kl_penalty(rewards, batch["old_log_probs"], batch["ref_log_probs"],
                                          batch["response_mask"], w.kl_ctrl, a.kl_penalty)
         metrics.update({f"actor/{k}": v for k, v in kl_m.items()})
+    rc = a.rollout_correction
+    if rc.enabled and not rc.bypass_mode:  # bypass: the actor's loss corrects, from π_θ
+        weights, mask, rc_metrics = rollout_correction(
+            batch["old_log_probs"], batch["rollout_log_probs"], batch["response_mask"], rc.rollout_is,
+            rc.rollout_is_threshold, rc.rollout_is_batch_normalize, rc.rollout_rs, rc.rollout_rs_threshold)
+        batch["response_mask"] = mask  # rejected tokens leave the loss
+        if weights is not None:
+            batch["rollout_is_weights"] = weights
+        metrics.update(rc_metrics)
     fn = ADV_ESTIMATORS.get(a.adv_estimator, "algorithm.adv_estimator")
-    adv, ret = fn(rewards, batch["response_mask"], index=list(batch["uid"]),
-                  values=batch["values"] if "values" in batch else None, gamma=a.gamma, lam=a.lam,
-                  norm_adv_by_std=a.norm_adv_by_std_in_grpo,
-                  reward_baselines=batch["reward_baselines"] if "reward_baselines" in batch else None)
+    optional = {k: batch[k] for k in ("values", "reward_baselines", "old_log_probs", "sum_pi_squared",
+                                      "rollout_is_weights") if k in batch}
+    adv, ret = fn(rewards, batch["response_mask"], index=list(batch["uid"]), gamma=a.gamma, lam=a.lam,
+                  norm_adv_by_std=a.norm_adv_by_std_in_grpo, **optional)
     batch["token_level_rewards"] = rewards
     batch["advantages"] = adv
     batch["returns"] = ret
+    if a.use_pf_ppo:
+        idx = pf_ppo_resample(batch["token_level_scores"].sum(-1), a.pf_ppo.reweight_method, a.pf_ppo.weight_pow)
+        batch = batch.index(idx)
+        metrics["pf_ppo/unique_fraction"] = float(idx.unique().numel() / max(len(idx), 1))
     return batch, metrics
 
 

@@ -26,6 +26,8 @@ class HybridWorker(Worker):
         from transformers import AutoTokenizer
 
         self.cfg = cfg = Config.model_validate(cfg)
+        if cfg.trainer.deterministic:  # deterministic kernels where torch has them (warn elsewhere)
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.roles = set(roles)
         path = str(resolve_model(cfg.model.path))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -130,6 +132,8 @@ class HybridWorker(Worker):
         spec = SamplingSpec(n=1, temperature=m["temperature"], top_p=m["top_p"], top_k=m["top_k"],
                             max_tokens=self.cfg.data.max_response_tokens, stop=list(self.cfg.rollout.stop))
         prompts = [list(p) for p in batch["prompt_ids"]]
+        if "rng_seed" in m:  # trainer.deterministic: this step's stream, whatever ran before
+            self.rollout.reseed(int(m["rng_seed"]) + 1_000_003 * self.rank)
         self._rollout_mode()
         outs = self.rollout.generate(prompts, spec)
         self._trainer_mode()

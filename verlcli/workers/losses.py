@@ -34,12 +34,13 @@ def actor_micro_loss(engine, micro, cfg, g_tokens: int, g_seqs: int):
         gap = (seq.cut(micro["rollout_log_probs"], r) - old).abs() * mask
         extra["rollout/logprob_gap_mean"] = float(gap.sum() / denom)
         extra["rollout/logprob_gap_max"] = float(gap.max())
-    pl_cfg = PolicyLossConfig(clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
-                              clip_ratio_c=a.clip_ratio_c, loss_scale_factor=cfg.data.max_response_tokens)
-    loss_fn = POLICY_LOSSES.get(a.policy_loss, "actor.policy_loss")
+    rc = cfg.algorithm.rollout_correction
+    # Bypass mode: the driver set old = rollout log-probs; the bypass loss weighs/masks in here.
+    loss_fn = POLICY_LOSSES.get("bypass_mode" if rc.bypass_mode else a.policy_loss, "actor.policy_loss")
     agg = dict(loss_agg_mode=a.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs)
+    weights = seq.cut(micro["rollout_is_weights"], r) if "rollout_is_weights" in micro else None
     pg_loss, m = loss_fn(old, logp, seq.cut(micro["advantages"], r), mask,
-                         cfg=pl_cfg, **agg)
+                         cfg=policy_loss_config(cfg), rollout_is_weights=weights, **agg)
     loss = pg_loss
     metrics = {**{k: float(v) for k, v in m.items()}, **extra}
     metrics["pg_loss"] = float(pg_loss.detach())
@@ -55,13 +56,39 @@ def actor_micro_loss(engine, micro, cfg, g_tokens: int, g_seqs: int):
     return loss, {f"sum:{k}" if k in ("pg_loss", "kl_loss") else k: v for k, v in metrics.items()}
 
 
+def policy_loss_config(cfg) -> PolicyLossConfig:
+    """The policy-loss knobs of the run config (actor.* and algorithm.rollout_correction.*)."""
+    a, rc = cfg.actor, cfg.algorithm.rollout_correction
+    return PolicyLossConfig(
+        clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c,
+        clip_cov_ratio=a.clip_cov_ratio, clip_cov_lb=a.clip_cov_lb, clip_cov_ub=a.clip_cov_ub,
+        kl_cov_ratio=a.kl_cov_ratio, ppo_kl_coef=a.ppo_kl_coef, tau_pos=a.tau_pos, tau_neg=a.tau_neg,
+        loss_scale_factor=cfg.data.max_response_tokens, bypass_loss_type=rc.loss_type,
+        rollout_is=rc.rollout_is, rollout_is_threshold=rc.rollout_is_threshold,
+        rollout_is_batch_normalize=rc.rollout_is_batch_normalize, rollout_rs=rc.rollout_rs,
+        rollout_rs_threshold=rc.rollout_rs_threshold,
+    )
+
+
+def log_probs_and_sum_pi_squared(engine, inputs, r: int, temperature: float):
+    """(log-probs, entropy, Σ_v π(v)²) `[b, r]` for the optimal token baseline, from one
+    full-logits forward (no grad)."""
+    from verlcli.algorithms import entropy_from_logits, logprobs_from_logits
+
+    logits = engine.forward_logits(**inputs)[:, -r - 1:-1].float() / temperature
+    labels = inputs["input_ids"][:, -r:].to(logits.device)
+    s2 = torch.softmax(logits, dim=-1).pow(2).sum(-1)
+    return logprobs_from_logits(logits, labels), entropy_from_logits(logits), s2
+
+
 def critic_micro_loss(engine, micro, cfg, g_tokens: int, g_seqs: int):
     c = cfg.critic
     inputs, r = seq.trim(micro)
     vpreds = engine.values(**inputs, response_len=r)
     mask = seq.cut(micro["response_mask"], r).to(vpreds.dtype)
     loss, m = value_loss(vpreds, seq.cut(micro["values"], r), seq.cut(micro["returns"], r), mask,
-                         c.cliprange_value, c.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs)
+                         c.cliprange_value, c.loss_agg_mode, global_tokens=g_tokens, global_seqs=g_seqs,
+                         loss_scale_factor=cfg.data.max_response_tokens)
     metrics = {k: float(v) for k, v in m.items()}
     metrics["sum:vf_loss"] = float(loss.detach())
     return loss, metrics
