@@ -8,6 +8,9 @@ turns one driver call into one call per rank:
             results are concatenated in rank order and the padding rows are dropped, so the
             driver gets back exactly one output row per input row, in order. Other results
             (metrics dicts, None, ...) come back as a list, one per rank.
+- ``replica`` like ``dp``, but over rollout replicas: the group's `replica_size` ranks in a row
+            (one tensor-parallel engine) all get the same chunk, and only the first rank of
+            each replica answers. With `replica_size` 1 it is ``dp``.
 - ``all``   every rank gets the same arguments; the list of results comes back.
 - ``rank0`` every rank gets the same arguments (SPMD code must run collectives on all ranks);
             only rank 0's result comes back.
@@ -23,7 +26,7 @@ from typing import Any, Callable
 
 from verlcli.data.batch import Batch
 
-DISPATCH_MODES = ("dp", "all", "rank0")
+DISPATCH_MODES = ("dp", "replica", "all", "rank0")
 COLLECT_MODES = ("list", "rank0", "concat")
 _ATTR = "__verl_dispatch__"
 
@@ -42,6 +45,7 @@ class CallPlan:
     world: int
     pad: int = 0
     padded_rows: int = 0
+    replica: int = 1  # ranks per replica: results are taken from every replica-th rank
 
 
 def register(fn: Callable | None = None, *, dispatch: str = "dp", collect=None):
@@ -75,15 +79,21 @@ def registered_methods(cls: type) -> dict[str, DispatchSpec]:
     return specs
 
 
-def split_call(spec: DispatchSpec, world: int, args: tuple, kwargs: dict, method: str):
-    """One (args, kwargs) per rank, plus the plan `collect_results` needs."""
-    if spec.mode != "dp":
+def split_call(spec: DispatchSpec, world: int, args: tuple, kwargs: dict, method: str,
+               replica: int = 1):
+    """One (args, kwargs) per rank, plus the plan `collect_results` needs. `replica`: ranks
+    per rollout replica (``replica`` mode only)."""
+    if spec.mode not in ("dp", "replica"):
         return [(args, kwargs)] * world, CallPlan(spec.mode, world)
+    replica = replica if spec.mode == "replica" else 1
+    if replica < 1 or world % replica:
+        raise ValueError(f"{method}(): {world} ranks cannot form replicas of {replica}")
     batch, put_back = _find_batch(args, kwargs, method)
-    padded, pad = batch.pad_to_divisor(world)
-    chunks = padded.split(world)
-    per_rank = [put_back(chunk) for chunk in chunks]
-    return per_rank, CallPlan("dp", world, pad, len(padded))
+    groups = world // replica
+    padded, pad = batch.pad_to_divisor(groups)
+    chunks = [put_back(chunk) for chunk in padded.split(groups)]
+    per_rank = [chunks[r // replica] for r in range(world)]  # a replica's ranks: one chunk
+    return per_rank, CallPlan("dp", world, pad, len(padded), replica)
 
 
 def _find_batch(args: tuple, kwargs: dict, method: str):
@@ -101,6 +111,7 @@ def _find_batch(args: tuple, kwargs: dict, method: str):
 def collect_results(spec: DispatchSpec, plan: CallPlan, results: list, method: str):
     """Turn the per-rank results (in rank order) into what the driver gets back."""
     collect = spec.collect
+    results = results[::plan.replica]  # one answer per replica (its ranks agree)
     if callable(collect):
         return collect(results)
     if collect == "list":

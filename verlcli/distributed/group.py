@@ -43,6 +43,8 @@ class WorkerGroup:
         self.worker_cls = worker_cls
         self.name = name
         self.world_size = world_size
+        # Ranks per rollout replica (rollout.tensor_parallel_size): how `replica` methods split.
+        self.replica_size = 1
         self._bind_methods()
 
     def _bind_methods(self) -> None:
@@ -58,7 +60,7 @@ class WorkerGroup:
         @functools.wraps(getattr(self.worker_cls, method))
         def call(*args, **kwargs):
             label = f"{self.name}.{method}"
-            per_rank, plan = split_call(spec, self.world_size, args, kwargs, label)
+            per_rank, plan = split_call(spec, self.world_size, args, kwargs, label, self.replica_size)
             return collect_results(spec, plan, self._run(method, per_rank), label)
 
         return call

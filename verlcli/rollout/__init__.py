@@ -22,18 +22,26 @@ __all__ = ["ENGINES", "RolloutEngine", "RolloutOutput", "SamplingSpec", "make_ro
 
 def make_rollout(engine: str, model_path: str | os.PathLike, *, device: str, dtype,
                  max_model_len: int, seed: int, gpu_memory_utilization: float = 0.5,
-                 cpu_kvcache_gb: float = 1, enable_sleep: bool = False) -> RolloutEngine:
-    """Build the rollout engine named by `rollout.engine`."""
+                 cpu_kvcache_gb: float = 1, enable_sleep: bool = False,
+                 tensor_parallel_size: int = 1, trust_remote_code: bool = False) -> RolloutEngine:
+    """Build the rollout engine named by `rollout.engine`. `tensor_parallel_size` > 1 (vLLM
+    only): consecutive groups of that many ranks of the caller's process group share one
+    engine; every rank of a group must call `generate` with the same prompts."""
     if engine == "hf":
+        if tensor_parallel_size != 1:
+            raise UserError(f"rollout.tensor_parallel_size={tensor_parallel_size} needs the vllm engine",
+                            fix="set rollout.engine=vllm, or rollout.tensor_parallel_size=1")
         from verlcli.rollout.hf_engine import HFRollout
 
         return HFRollout(model_path, device=device, dtype=dtype, max_model_len=max_model_len,
-                         seed=seed)
+                         seed=seed, trust_remote_code=trust_remote_code)
     if engine == "vllm":
         from verlcli.rollout.vllm_engine import VLLMRollout
 
         return VLLMRollout(model_path, device=device, dtype=dtype, max_model_len=max_model_len,
                            seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                           cpu_kvcache_gb=cpu_kvcache_gb, enable_sleep=enable_sleep)
+                           cpu_kvcache_gb=cpu_kvcache_gb, enable_sleep=enable_sleep,
+                           tensor_parallel_size=tensor_parallel_size,
+                           trust_remote_code=trust_remote_code)
     raise UserError(f"unknown rollout.engine {engine!r}",
                     fix=f"set rollout.engine to one of: {', '.join(ENGINES)}")

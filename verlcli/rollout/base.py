@@ -79,19 +79,45 @@ class RolloutOutput:
 class RolloutEngine(abc.ABC):
     """What the actor worker calls; see the module docstring for the conventions."""
 
+    tied: bool = False  # tied word embeddings: lm_head.weight is added to syncs when absent
+
+    def reseed(self, seed: int) -> None:
+        """Restart the engine's own sampling stream (`_rng`, a PrivateRNG) from `seed`.
+        trainer.deterministic reseeds every step from (seed, step, rank), so a resumed run
+        samples exactly what an uninterrupted one did."""
+        self._rng = PrivateRNG(seed)
+
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[RolloutOutput]:
         ...
 
-    @abc.abstractmethod
     def sync_weights(self, named_tensors: WeightsLike) -> dict[str, float]:
-        """Load new weights in memory; returns {"sync_s", "sync_gb", "sync_gbps"}."""
+        """Load new weights in memory; returns {"sync_s", "sync_gb", "sync_gbps"}. All of
+        them are at hand, so an incomplete set is refused before anything is loaded."""
+        weights = prepare_weights(named_tensors, self.tied)
+        self.check_names(weights)
+        return self.sync_weight_buckets([weights])
+
+    @abc.abstractmethod
+    def sync_weight_buckets(self, buckets: Iterable[WeightsLike]) -> dict[str, float]:
+        """Load new weights streamed in buckets (each a dict or (name, tensor) pairs, e.g.
+        `TrainEngine.weight_buckets`), consuming one bucket at a time so the caller never
+        materializes the whole model. Every tensor must arrive: a missing one raises
+        ValueError after the stream (it would otherwise stay stale silently). Returns
+        {"sync_s", "sync_gb", "sync_gbps", "sync_buckets"}.
+
+        Why a pull (an iterable) and not push calls per bucket: vLLM's in-place reload
+        processes a layer once all of its tensors arrived within ONE `reload_weights` call;
+        a layer split over two calls would be finalized half-loaded."""
+
+    def check_names(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Raise ValueError when `weights` lacks a tensor the model has."""
 
     def sleep(self) -> None:
         """Free accelerator memory while training (no-op where unsupported)."""
 
-    def wake(self) -> None:
-        """Undo `sleep` before the next `sync_weights`/`generate`."""
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Undo `sleep` before the next sync/`generate` (tags: only part of it, see vLLM)."""
 
     def shutdown(self) -> None:
         """Release the engine; it cannot be used afterwards."""
@@ -143,8 +169,7 @@ def check_complete(weights: Mapping[str, torch.Tensor], expected: Iterable[str])
                          "Pass the full (unsharded) state dict with the checkpoint's names.")
 
 
-def sync_stats(start: float, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    seconds = time.perf_counter() - start
+def _nbytes(weights: Mapping[str, torch.Tensor]) -> int:
     # Tied tensors are counted once: that is what actually moved.
     seen, nbytes = set(), 0
     for t in weights.values():
@@ -152,8 +177,39 @@ def sync_stats(start: float, weights: Mapping[str, torch.Tensor]) -> dict[str, f
         if key not in seen:
             seen.add(key)
             nbytes += t.numel() * t.element_size()
-    gb = nbytes / 1e9
-    return {"sync_s": seconds, "sync_gb": gb, "sync_gbps": gb / seconds if seconds > 0 else 0.0}
+    return nbytes
+
+
+class SyncTally:
+    """Walks a stream of weight buckets for an engine: tied fix-up per bucket, and a record
+    of the names and bytes that went by (completeness check and stats afterwards)."""
+
+    def __init__(self, tied: bool):
+        self.tied = tied
+        self.start = time.perf_counter()
+        self.names: set[str] = set()
+        self.nbytes = 0
+        self.buckets = 0
+
+    def each_bucket(self, buckets: Iterable[WeightsLike]) -> Iterable[dict[str, torch.Tensor]]:
+        for bucket in buckets:
+            weights = prepare_weights(bucket, self.tied)
+            self.names.update(weights)
+            self.nbytes += _nbytes(weights)
+            self.buckets += 1
+            yield weights
+            del weights  # the engine has it now; do not pin it while the next one gathers
+
+    def each_tensor(self, buckets: Iterable[WeightsLike]) -> Iterable[tuple[str, torch.Tensor]]:
+        for weights in self.each_bucket(buckets):
+            for name in list(weights):  # popped: a loaded tensor is not pinned by us
+                yield name, weights.pop(name)
+
+    def stats(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start
+        gb = self.nbytes / 1e9
+        return {"sync_s": seconds, "sync_gb": gb, "sync_gbps": gb / seconds if seconds > 0 else 0.0,
+                "sync_buckets": float(self.buckets)}
 
 
 def first_stop(text_of, n_tokens: int, stops: list[str]) -> int | None:

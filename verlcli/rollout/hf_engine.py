@@ -20,8 +20,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from verlcli.rollout.base import (PrivateRNG, RolloutEngine, RolloutOutput, SamplingSpec,
-                                  WeightsLike, check_complete, check_prompts, first_stop,
-                                  prepare_weights, sync_stats)
+                                  SyncTally, check_complete, check_prompts, first_stop)
 
 
 def _ids(value) -> list[int]:
@@ -83,7 +82,7 @@ class _SampleWarper(LogitsProcessor):
 class HFRollout(RolloutEngine):
     def __init__(self, model_path: str | os.PathLike, *, device: str = "cpu",
                  dtype="float32", max_model_len: int = 2048, seed: int = 0,
-                 micro_batch_size: int = 64):
+                 micro_batch_size: int = 64, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         start = time.perf_counter()
@@ -92,8 +91,9 @@ class HFRollout(RolloutEngine):
         self.micro_batch_size = micro_batch_size
         torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(
             torch, str(dtype).removeprefix("torch."))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
         self.model = model.to(self.device).eval()
         config = self.model.generation_config
         self.eos_ids = sorted(set(_ids(config.eos_token_id))
@@ -170,16 +170,23 @@ class HFRollout(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
 
-    def sync_weights(self, named_tensors: WeightsLike) -> dict[str, float]:
-        start = time.perf_counter()
-        weights = prepare_weights(named_tensors, self.tied)
+    def check_names(self, weights) -> None:
         expected = self.model.state_dict().keys()
         check_complete(weights, expected)
         unexpected = sorted(set(weights) - set(expected))
         if unexpected:
             raise ValueError(f"weight sync has tensors the model does not: {unexpected[:5]}")
-        self.model.load_state_dict(weights, strict=False)
-        return sync_stats(start, weights)
+
+    def sync_weight_buckets(self, buckets) -> dict[str, float]:
+        tally = SyncTally(self.tied)
+        expected = set(self.model.state_dict())
+        for weights in tally.each_bucket(buckets):
+            unexpected = sorted(set(weights) - expected)
+            if unexpected:  # before loading: load_state_dict(strict=False) would drop them
+                raise ValueError(f"weight sync has tensors the model does not: {unexpected[:5]}")
+            self.model.load_state_dict(weights, strict=False)  # copies into our own params
+        check_complete(dict.fromkeys(tally.names), expected)
+        return tally.stats()
 
     def shutdown(self) -> None:
         self.model = None

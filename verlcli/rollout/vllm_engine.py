@@ -28,8 +28,7 @@ import torch
 
 from verlcli.errors import UserError
 from verlcli.rollout.base import (PrivateRNG, RolloutEngine, RolloutOutput, SamplingSpec,
-                                  WeightsLike, check_complete, check_prompts, prepare_weights,
-                                  sync_stats)
+                                  SyncTally, check_complete, check_prompts)
 
 
 def checkpoint_facts(model_path: str | os.PathLike) -> tuple[bool, set[str]]:
@@ -81,7 +80,8 @@ class VLLMRollout(RolloutEngine):
     def __init__(self, model_path: str | os.PathLike, *, device: str = "cpu",
                  dtype="float32", max_model_len: int = 2048, seed: int = 0,
                  gpu_memory_utilization: float = 0.5, cpu_kvcache_gb: float = 1,
-                 enable_sleep: bool = False):
+                 enable_sleep: bool = False, tensor_parallel_size: int = 1,
+                 trust_remote_code: bool = False):
         import torch.distributed as dist
 
         self.on_gpu = str(device).startswith("cuda")
@@ -99,9 +99,10 @@ class VLLMRollout(RolloutEngine):
         self.tied, self._ckpt_names = checkpoint_facts(model_path)
         self._caller_world = dist.is_available() and dist.is_initialized()
         self._sleep_enabled = self.on_gpu and enable_sleep
-        self._asleep = False
+        self._asleep: set[str] = set()  # what is released: "weights", "kv_cache"
         kwargs = dict(model=self.model_path, dtype=_dtype_name(dtype), seed=seed,
                       max_model_len=max_model_len, logprobs_mode="processed_logprobs",
+                      trust_remote_code=trust_remote_code,
                       # Neutral sampling defaults: SamplingSpec decides, not the model's
                       # generation_config.json (its EOS ids are still honoured).
                       generation_config="vllm")
@@ -115,6 +116,14 @@ class VLLMRollout(RolloutEngine):
                 kwargs["distributed_executor_backend"] = "external_launcher"
         else:
             kwargs["enforce_eager"] = True  # no torch.compile / graphs on CPU
+        if tensor_parallel_size > 1:
+            if not self._caller_world:
+                raise RuntimeError("tensor_parallel_size > 1 runs inside the caller's process "
+                                   "group: initialize torch.distributed first")
+            # vLLM splits the caller's world into groups of consecutive ranks, one engine each
+            # (the rest of the world is data parallel); every rank runs its shard in-process.
+            kwargs.update(tensor_parallel_size=tensor_parallel_size,
+                          distributed_executor_backend="external_launcher")
         self._rng = PrivateRNG(seed)
         start = time.perf_counter()
         with self._rng:  # LLM() reseeds the global RNGs: let it reseed ours, not the caller's
@@ -164,20 +173,24 @@ class VLLMRollout(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
 
-    def sync_weights(self, named_tensors: WeightsLike) -> dict[str, float]:
-        start = time.perf_counter()
-        weights = prepare_weights(named_tensors, self.tied)
+    def check_names(self, weights) -> None:
         # Only judge completeness when the names follow the checkpoint's scheme; vLLM also
         # accepts other schemes it can map, which this set cannot speak for.
         if sum(n in self._ckpt_names for n in weights) > len(weights) // 2:
             check_complete(weights, self._ckpt_names)
+
+    def sync_weight_buckets(self, buckets) -> dict[str, float]:
+        tally = SyncTally(self.tied)
+        # ONE reload over the whole stream (a generator, consumed in this process): vLLM
+        # finalizes each layer once its tensors are in, so buckets never split a layer's load.
         self.llm.collective_rpc("reload_weights",
-                                kwargs={"weights_iterator": list(weights.items())})
+                                kwargs={"weights_iterator": tally.each_tensor(buckets)})
+        self.check_names(dict.fromkeys(tally.names))
         # Cached KV blocks were computed with the old weights.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight sync "
                                "(requests still running?)")
-        return sync_stats(start, weights)
+        return tally.stats()
 
     # ------------------------------------------------------------------ memory, lifetime
 
@@ -185,12 +198,18 @@ class VLLMRollout(RolloutEngine):
         # Level 1: weights offloaded to host memory, KV cache dropped. CPU: nothing to free.
         if self._sleep_enabled and not self._asleep:
             self.llm.sleep(level=1)
-            self._asleep = True
+            self._asleep = {"weights", "kv_cache"}
+        elif self._asleep:  # half awake (weights back for a sync): whole, then asleep again
+            self.wake()
+            self.sleep()
 
-    def wake(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Reallocate what sleep released; `tags=["weights"]` brings back only the weights
+        (for a sync, while the KV cache stays freed)."""
+        todo = [t for t in ("weights", "kv_cache") if t in self._asleep and (tags is None or t in tags)]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self._asleep -= set(todo)
 
     def shutdown(self) -> None:
         """Stop the engine. In the hybrid engine call it last: training keeps the world."""

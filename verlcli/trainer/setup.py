@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from verlcli.algorithms import dynamic_sampling_filter, get_kl_controller
+from verlcli.config.arithmetic import placement_plan
 from verlcli.data.batch import Batch
 from verlcli.io import write_json_atomic
 
@@ -17,6 +18,8 @@ def worker_env(cfg, device: str) -> dict:
     worker_env): threads (via OMP only: in-process vLLM makes torch.set_num_threads a
     no-op) and vLLM's CPU KV-cache size."""
     env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kvcache_gb)}
+    if cfg.trainer.deterministic:  # cuBLAS needs a fixed workspace to be deterministic
+        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     if device == "cpu":
         env["OMP_NUM_THREADS"] = str(max(int(cfg.resources.cpus_per_worker), 1))
     return env
@@ -35,6 +38,35 @@ def ensure_ray(launcher: str, env: dict) -> bool:
     return started
 
 
+def shared_pool(cfg, plan, device: str):
+    """launcher=ray: the one resource pool every colocated group shares (None for local).
+
+    Each colocated group takes 1/len(plan.colocated) of every bundle, so e.g. the hybrid
+    actor and a reward model fit on one 8-GPU node together. Separate groups reserve their
+    own pools later; the cluster is checked for all of them first, so a run that can never
+    fit fails at once, naming the keys, instead of waiting out the placement timeout.
+    """
+    if cfg.launcher != "ray":
+        return None
+    from verlcli.distributed.placement import check_fits, resource_pool
+
+    r = cfg.resources
+    keys = [("critic" if g == "critic" else "reward.model") + ".placement=separate" for g in plan.separate]
+    why = f" (resources.nodes × devices_per_node for the actor, again for {', '.join(keys)})" if keys else ""
+    check_fits(plan.devices_needed, device, r.cpus_per_worker, r.nodes, why)
+    return resource_pool(r.nodes, r.devices_per_node, device, r.cpus_per_worker,
+                         max_colocate=len(plan.colocated), world_size=cfg.world_size)
+
+
+def record_placement(run: Path, groups: list) -> None:
+    """Where every rank of every group runs (node id, host, pid) → run_dir/placement.json,
+    so multi-node placement can be checked after the fact; one summary line on the console."""
+    where = {g.name: g.execute_all("_verl_info") for g in groups}
+    write_json_atomic(run / "placement.json", where)
+    nodes = {i.get("node_id") for infos in where.values() for i in infos}
+    print(f"placement: {', '.join(f'{k} × {len(v)}' for k, v in where.items())} on {len(nodes)} node(s)", flush=True)
+
+
 @dataclass
 class RunState:
     cfg: object
@@ -49,6 +81,7 @@ class RunState:
     started_ray: bool = False
     groups: list = field(default_factory=list)
     model_path: str = ""
+    pools: list = field(default_factory=list)
     _warned: set = field(default_factory=set)
 
     def warn_once(self, msg: str) -> None:
@@ -87,25 +120,20 @@ class RunState:
         return int(extra["step"])
 
 
-def build(cfg, device: str, run: Path) -> RunState:
-    from transformers import AutoTokenizer
-
-    from verlcli.data.dataset import PromptLoader, load_rl_dataset
+def build(cfg, device: str, run: Path, checked) -> RunState:
+    """`checked`: what preflight loaded (model path, tokenizer, tokenized datasets)."""
+    from verlcli.data.dataset import PromptLoader
     from verlcli.distributed import make_worker_group
-    from verlcli.models.resolve import resolve_model
     from verlcli.rewards.pool import RewardScorer
     from verlcli.workers.hybrid import HybridWorker
 
     torch.manual_seed(cfg.trainer.seed)
-    path = resolve_model(cfg.model.path)  # builds a built-in once, before workers race for it
-    tok = AutoTokenizer.from_pretrained(str(path))
+    path, tok = checked.model_path, checked.tokenizer  # a built-in is built once, before workers race for it
     d = cfg.data
-    ds_kw = dict(prompt_key=d.prompt_key, max_prompt_tokens=d.max_prompt_tokens, truncation=d.truncation)
-    train = load_rl_dataset(d.train_files, tok, **ds_kw)
-    loader = PromptLoader(train, d.train_prompts_per_step, seed=cfg.trainer.seed, shuffle=d.shuffle)
+    loader = PromptLoader(checked.train, d.train_prompts_per_step, seed=cfg.trainer.seed, shuffle=d.shuffle)
     val = None
-    if d.val_files:
-        val = list(load_rl_dataset(d.val_files, tok, **ds_kw))
+    if checked.val is not None:
+        val = list(checked.val)
         val = val[: d.val_prompts] if d.val_prompts else val
     env = worker_env(cfg, device)
     started_ray = ensure_ray(cfg.launcher, env)
@@ -114,12 +142,16 @@ def build(cfg, device: str, run: Path) -> RunState:
     if cfg.use_critic and not separate:
         roles.append("critic")
     resources = {**cfg.resources.model_dump(), "device": device}
+    plan = placement_plan(cfg)
+    pool = shared_pool(cfg, plan, device)  # every colocated group's ranks on the same bundles
     kw = dict(world_size=cfg.world_size, resources=resources, env=env)
     cfg_dict = cfg.model_dump(mode="json")
     setup_kw = dict(cfg=cfg_dict, total_steps=cfg.trainer.total_steps)
     # Workers build their models in setup(), all ranks at once (process-group and vLLM
     # start-up are collectives).
-    actor = make_worker_group(cfg.launcher, HybridWorker, name="actor", init_kwargs={**setup_kw, "roles": roles}, **kw)
+    actor = make_worker_group(cfg.launcher, HybridWorker, name="actor", init_kwargs={**setup_kw, "roles": roles},
+                              placement_group=pool, **kw)
+    actor.replica_size = cfg.rollout.tensor_parallel_size  # generate: one prompt chunk per TP engine
     groups = [actor]
     critic = actor if cfg.use_critic and not separate else None
     if separate:
@@ -130,13 +162,16 @@ def build(cfg, device: str, run: Path) -> RunState:
     if cfg.reward.model.path:
         from verlcli.workers.reward_model import RewardModelWorker
 
+        rm_pool = "separate" if "reward_model" in plan.separate else pool
         reward_model = make_worker_group(cfg.launcher, RewardModelWorker, name="reward_model",
-                                         init_kwargs={"cfg": cfg_dict}, **kw)
+                                         init_kwargs={"cfg": cfg_dict}, placement_group=rm_pool, **kw)
         groups.append(reward_model)
+    record_placement(run, groups)
     scorer = RewardScorer(cfg.reward.fn, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.workers)
     k = cfg.algorithm.kl_ctrl
     kl_ctrl = get_kl_controller(k.type, k.kl_coef, k.target_kl, k.horizon)
-    return RunState(cfg, tok, loader, val, actor, critic, reward_model, scorer, kl_ctrl, started_ray, groups, str(path))
+    return RunState(cfg, tok, loader, val, actor, critic, reward_model, scorer, kl_ctrl, started_ray, groups, str(path),
+                    pools=[pool] if pool is not None else [])
 
 
 def teardown(w: RunState) -> None:
@@ -146,6 +181,8 @@ def teardown(w: RunState) -> None:
             g.shutdown()
         except Exception as e:  # noqa: BLE001 - teardown must reach ray.shutdown
             print(f"warning: shutting down {g}: {e}")
+    for pool in w.pools:  # shared pools outlive their groups; separate ones went with theirs
+        pool.remove()
     if w.started_ray:
         import ray
 
