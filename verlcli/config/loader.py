@@ -10,6 +10,7 @@ are declarations, read lazily (the one upward read from config, so the names liv
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from importlib import resources
@@ -67,12 +68,14 @@ def _read_yaml(path: Path, what: str) -> dict:
 # ---------------------------------------------------------------- merging and overrides
 
 def deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
+    # A deep copy: overrides are set into the result, and must never reach a shared layer
+    # (the verbs' defaults, a cached preset) when verl runs twice in one process.
+    out = copy.deepcopy(base)
     for k, v in top.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
-            out[k] = v
+            out[k] = copy.deepcopy(v)
     return out
 
 

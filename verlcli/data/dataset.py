@@ -12,17 +12,18 @@ import random
 from verlcli.data.parquet import as_file_list, check_chat_template, read_columns, render, to_messages
 from verlcli.errors import UserError
 
-TRUNCATION = ("error", "left", "right")
+TRUNCATION = ("error", "left", "right", "filter")
 
 
 class RLDataset:
     """Tokenized prompts. Each item: {"input_ids": list[int], "data_source", "ground_truth",
     "extra_info", "index"}, where index is the row's position across all files (stable)."""
 
-    def __init__(self, items: list[dict], files: list[str], num_truncated: int = 0):
+    def __init__(self, items: list[dict], files: list[str], num_truncated: int = 0, num_filtered: int = 0):
         self.items = items
         self.files = files
         self.num_truncated = num_truncated
+        self.num_filtered = num_filtered  # over-long prompts dropped (truncation="filter")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -46,11 +47,12 @@ def load_rl_dataset(files, tokenizer, prompt_key: str = "prompt", *, max_prompt_
     """Read, template and tokenize prompts; check the length limit (data.max_prompt_tokens).
 
     truncation: "error" (UserError naming the row), "left" (keep the last tokens, as verl),
-    or "right" (keep the first tokens).
+    "right" (keep the first tokens), or "filter" (drop the prompt; counted in num_filtered,
+    and a UserError when no prompt is left).
     """
     if truncation not in TRUNCATION:
         raise UserError(f"data.truncation={truncation!r} is not one of {', '.join(TRUNCATION)}",
-                        fix="set data.truncation=error or data.truncation=left")
+                        fix="set data.truncation=error, left or filter")
     check_chat_template(tokenizer)
     files = as_file_list(files)
     items: list[dict] = []
@@ -80,7 +82,22 @@ def load_rl_dataset(files, tokenizer, prompt_key: str = "prompt", *, max_prompt_
                 item["input_ids"] = list(row_ids)
     if not items:
         raise UserError(f"no rows in {', '.join(files)}", fix="check the files in data.train_files / data.val_files")
+    if truncation == "filter":
+        return _filter_long(items, files, max_prompt_tokens)
     return RLDataset(items, files, _apply_limit(items, where, max_prompt_tokens, truncation))
+
+
+def _filter_long(items: list[dict], files: list[str], limit: int) -> RLDataset:
+    """Drop prompts over the limit; keep each item's original index (it names its row)."""
+    kept = [it for it in items if len(it["input_ids"]) <= limit]
+    if not kept:
+        shortest = min(len(it["input_ids"]) for it in items)
+        raise UserError(
+            f"every one of the {len(items)} prompts in {', '.join(files)} is over data.max_prompt_tokens={limit} "
+            f"(the shortest has {shortest} tokens), so data.truncation=filter leaves nothing",
+            fix=f"raise data.max_prompt_tokens to at least {shortest}, or use data.truncation=left",
+        )
+    return RLDataset(kept, files, 0, len(items) - len(kept))
 
 
 def _apply_limit(items: list[dict], where: list[str], limit: int, truncation: str) -> int:
@@ -92,7 +109,8 @@ def _apply_limit(items: list[dict], where: list[str], limit: int, truncation: st
         raise UserError(
             f"{where[first]} (index {first}) has a {len(items[first]['input_ids'])}-token prompt, over "
             f"data.max_prompt_tokens={limit} ({len(over)} of {len(items)} prompts are too long; the longest has {longest})",
-            fix=f"set data.max_prompt_tokens={longest}, or data.truncation=left to cut prompts from the left",
+            fix=f"set data.max_prompt_tokens={longest}, or data.truncation=filter to drop them "
+                "(data.truncation=left cuts them from the left)",
         )
     for i in over:
         ids = items[i]["input_ids"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from verlcli.data.parquet import as_file_list, check_chat_template, column_names, read_columns, render, to_messages
 from verlcli.errors import UserError
 
-TRUNCATION = ("error", "right")
+TRUNCATION = ("error", "right", "filter")
 
 
 class SFTDataset(list):
@@ -22,12 +22,14 @@ class SFTDataset(list):
 
     num_truncated: int = 0
     num_dropped: int = 0
+    num_filtered: int = 0  # over max_length and dropped (truncation="filter")
 
 
 def load_sft_dataset(files, tokenizer, max_length: int, messages_key: str = "messages", prompt_key: str = "prompt",
                      response_key: str = "response", truncation: str = "error") -> SFTDataset:
-    """truncation: "error" (UserError naming the row, for sft.max_length_tokens) or "right"
-    (cut the end; a row left with no assistant token is dropped and counted)."""
+    """truncation: "error" (UserError naming the row, for sft.max_length_tokens), "right"
+    (cut the end; a row left with no assistant token is dropped and counted) or "filter"
+    (drop over-long rows, counted in num_filtered)."""
     if truncation not in TRUNCATION:
         raise UserError(f"SFT truncation {truncation!r} is not one of {', '.join(TRUNCATION)}", fix="use error or right")
     check_chat_template(tokenizer)
@@ -38,7 +40,11 @@ def load_sft_dataset(files, tokenizer, max_length: int, messages_key: str = "mes
             if len(ids) > max_length:
                 if truncation == "error":
                     raise UserError(f"{loc} is {len(ids)} tokens, over sft.max_length_tokens={max_length}",
-                                    fix=f"raise sft.max_length_tokens to {len(ids)} or more, or shorten that row")
+                                    fix=f"raise sft.max_length_tokens to {len(ids)} or more, or set "
+                                        "data.truncation=filter to drop such rows")
+                if truncation == "filter":
+                    out.num_filtered += 1
+                    continue
                 ids, mask = ids[:max_length], mask[:max_length]
                 out.num_truncated += 1
             if not any(mask):

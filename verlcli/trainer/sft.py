@@ -19,6 +19,7 @@ from verlcli.io import write_json_atomic
 from verlcli.trainer import run_dir as rd
 from verlcli.trainer.loggers import Tracker
 from verlcli.trainer.metrics import Timer, average
+from verlcli.trainer.preflight import preflight
 from verlcli.trainer.progress import Progress
 from verlcli.trainer.setup import ensure_ray, worker_env
 
@@ -27,13 +28,14 @@ def run_sft(cfg) -> dict:
     """Train; returns the last step's metrics (empty if the run was already complete)."""
     plan = sft_plan(cfg)
     device = check_resources(cfg)
+    checked = preflight(cfg, "sft").warn()  # before the run directory is touched and before Ray
     run = rd.prepare(cfg, to_yaml)
     tracker = Tracker(str(run), cfg.logging.backends, cfg.logging.wandb_project, cfg.trainer.name,
                       cfg.model_dump(mode="json"))
     state = None
     last: dict = {}
     try:
-        state = _build(cfg, device)
+        state = _build(cfg, device, checked)
         total = cfg.trainer.total_steps
         tracker.console.print(
             f"sft: {len(state.train)} samples, {total} steps × {plan['sequences_per_step']} samples "
@@ -139,23 +141,17 @@ class SFTRun:
                 ray.shutdown()
 
 
-def _build(cfg, device: str) -> SFTRun:
+def _build(cfg, device: str, checked) -> SFTRun:
+    """`checked`: what preflight loaded (the model is resolved, the data tokenized)."""
     import torch
-    from transformers import AutoTokenizer
 
     from verlcli.data.dataset import PromptLoader
-    from verlcli.data.sft_dataset import load_sft_dataset
     from verlcli.distributed import make_worker_group
-    from verlcli.models.resolve import resolve_model
     from verlcli.workers.sft import SFTWorker
 
     torch.manual_seed(cfg.trainer.seed)
-    path = resolve_model(cfg.model.path)  # builds a built-in once, before workers race for it
-    tok = AutoTokenizer.from_pretrained(str(path))
     d, s = cfg.data, cfg.sft
-    keys = dict(messages_key=d.messages_key, prompt_key=d.prompt_key, response_key=d.response_key)
-    train = load_sft_dataset(d.train_files, tok, s.max_length_tokens, **keys)
-    val = load_sft_dataset(d.val_files, tok, s.max_length_tokens, **keys) if d.val_files else None
+    train, val = checked.train, checked.val
     # The loader cycles epochs with a seeded order; its (epoch, position) goes into checkpoints.
     loader = PromptLoader(train, s.batch_sequences, seed=cfg.trainer.seed, shuffle=d.shuffle)
     env = worker_env(cfg, device)
