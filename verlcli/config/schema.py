@@ -243,6 +243,9 @@ class RewardConfig(Section):
     fn: Optional[str] = Field(None, description="User reward 'path.py:function' (data_source, response, ground_truth, extra_info) -> float|dict.")
     timeout_s: float = Field(10.0, gt=0.0, description="Per-response scoring timeout; a timeout scores 0.")
     workers: int = Field(2, ge=1, description="Reward process pool size.")
+    sandbox: bool = Field(True, description="Run reward.fn in a sandbox: no network, writes only in a temp "
+                          "working dir, no access to the run dir, CPU time per response <= timeout_s.")
+    memory_gb: float = Field(4.0, ge=0.0, description="Address-space limit of a sandboxed reward worker; 0 = none.")
     model: RewardModelConfig = Field(default_factory=RewardModelConfig)
 
 

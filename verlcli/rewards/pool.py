@@ -19,7 +19,9 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import numbers
+import shutil
 import signal
+import tempfile
 import time
 from collections import deque
 from multiprocessing.connection import wait
@@ -86,18 +88,24 @@ def score_item(item: dict, user_fn=None, scorer_kwargs: dict | None = None) -> d
         return _failure(ds, f"{type(e).__name__}: {e}")
 
 
-def _worker_main(conn, fn_spec, scorer_kwargs) -> None:
+def _worker_main(conn, fn_spec, scorer_kwargs, sandbox=None) -> None:
     """Entry point of a worker process (module level: picklable under spawn)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver, which kills us
-    user_fn, load_error = None, None
+    user_fn, load_error, load_fix = None, None, None
     try:
+        if sandbox:  # before the user's file runs a single line
+            from verlcli.rewards import sandbox as sb
+
+            sb.enter(sandbox["workdir"], sandbox.get("run_dir"), sandbox.get("memory_gb", 0))
         if fn_spec:
             user_fn = load_user_fn(fn_spec)
         else:
             import math_verify  # noqa: F401  (slow first import: pay it before the clock starts)
+    except UserError as e:
+        load_error, load_fix = f"loading reward function failed: {e.message}", e.fix
     except BaseException as e:  # noqa: BLE001
-        load_error = f"loading reward function failed: {e}"
-    conn.send(("ready", load_error))
+        load_error = f"loading reward function failed: {type(e).__name__}: {e}"
+    conn.send(("ready", load_error, load_fix))
     while True:
         try:
             chunk = conn.recv()
@@ -108,15 +116,30 @@ def _worker_main(conn, fn_spec, scorer_kwargs) -> None:
         for item in chunk:
             if load_error:
                 conn.send(_failure(item.get("data_source"), load_error))
-            else:
-                conn.send(score_item(item, user_fn, scorer_kwargs))
+                continue
+            if sandbox:
+                sb.arm_cpu_limit(sandbox.get("cpu_s", 0))
+            conn.send(score_item(item, user_fn, scorer_kwargs))
+
+
+def _exit_why(code) -> str:
+    if code == -signal.SIGXCPU:
+        return "SIGXCPU: it used more CPU time than reward.timeout_s allows per response"
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 class _Worker:
-    def __init__(self, ctx, fn_spec, scorer_kwargs):
+    def __init__(self, ctx, fn_spec, scorer_kwargs, sandbox=None):
+        self.workdir = None
+        if sandbox:  # a private, temporary working directory per worker process
+            self.workdir = tempfile.mkdtemp(prefix="verl-reward-")
+            sandbox = {**sandbox, "workdir": self.workdir}
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(
-            target=_worker_main, args=(child, fn_spec, scorer_kwargs), daemon=True, name="verl-reward-worker"
+            target=_worker_main, args=(child, fn_spec, scorer_kwargs, sandbox), daemon=True,
+            name="verl-reward-worker"
         )
         self.proc.start()
         child.close()
@@ -129,6 +152,8 @@ class _Worker:
             self.proc.kill()
         self.proc.join(timeout=5)
         self.conn.close()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class RewardScorer:
@@ -143,16 +168,23 @@ class RewardScorer:
     """
 
     def __init__(self, fn_spec: str | None = None, timeout_s: float = 10.0, num_workers: int = 2,
-                 scorer_kwargs: dict | None = None):
+                 scorer_kwargs: dict | None = None, sandbox: dict | None = None):
         self.fn_spec = fn_spec or None
-        self._inline_fn = load_user_fn(fn_spec) if fn_spec else None  # fail fast, in the driver
         self.timeout_s = float(timeout_s)
         self.num_workers = int(num_workers)
         self.scorer_kwargs = dict(scorer_kwargs or {})
+        # sandbox (user functions in worker processes): {"run_dir", "memory_gb", "cpu_s"};
+        # see rewards/sandbox.py. The user's file is then never imported in this process.
+        self.sandbox = dict(sandbox) if sandbox and self.fn_spec and self.num_workers > 0 else None
         self.stats = {"timeouts": 0, "worker_restarts": 0}
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self._start_failures = 0
+        self._inline_fn = None
+        if self.sandbox:
+            self._first_worker_loads()  # fail fast, from inside the sandbox
+        elif fn_spec:
+            self._inline_fn = load_user_fn(fn_spec)  # fail fast, in the driver
 
     # -- public ---------------------------------------------------------------------------
     def score(self, items: list[dict]) -> list[dict]:
@@ -209,7 +241,21 @@ class RewardScorer:
 
     # -- internals ------------------------------------------------------------------------
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.fn_spec, self.scorer_kwargs)
+        return _Worker(self._ctx, self.fn_spec, self.scorer_kwargs, self.sandbox)
+
+    def _first_worker_loads(self) -> None:
+        """Start one worker and wait until it imported the user function: a missing file or
+        name is a UserError now, not a zero reward for every response later."""
+        w = self._spawn()
+        msg = w.conn.recv() if w.conn.poll(_STARTUP_TIMEOUT_S) else None
+        if msg is None or msg[1]:
+            w.kill()
+            if msg is None:
+                raise UserError(f"the reward worker for {self.fn_spec} did not start within {_STARTUP_TIMEOUT_S:g} s",
+                                fix="check that the reward file imports quickly (no work at import time)")
+            raise UserError(msg[1], fix=msg[2] or f"run `python {self.fn_spec.rpartition(':')[0] or self.fn_spec}` to see the error")
+        w.state = "idle"
+        self._workers.append(w)
 
     def _dispatch(self, pending: deque, payload: list[dict], results: list) -> None:
         for w in self._workers:
@@ -255,7 +301,7 @@ class RewardScorer:
             dead = True  # everything it sent has been read; the pipe is closed
         if dead or not w.proc.is_alive():
             w.proc.join(timeout=1)
-            why = f"reward worker died (exit code {w.proc.exitcode}) while scoring this response"
+            why = f"reward worker died ({_exit_why(w.proc.exitcode)}) while scoring this response"
             self._replace(w, results, pending, items, why)
 
     def _enforce_deadlines(self, results, pending, items) -> None:

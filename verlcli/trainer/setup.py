@@ -167,7 +167,9 @@ def build(cfg, device: str, run: Path, checked) -> RunState:
                                          init_kwargs={"cfg": cfg_dict}, placement_group=rm_pool, **kw)
         groups.append(reward_model)
     record_placement(run, groups)
-    scorer = RewardScorer(cfg.reward.fn, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.workers)
+    r = cfg.reward  # user functions run sandboxed: limits, no network, no access to the run dir
+    sandbox = {"run_dir": str(run.resolve()), "memory_gb": r.memory_gb, "cpu_s": r.timeout_s} if r.sandbox else None
+    scorer = RewardScorer(r.fn, timeout_s=r.timeout_s, num_workers=r.workers, sandbox=sandbox)
     k = cfg.algorithm.kl_ctrl
     kl_ctrl = get_kl_controller(k.type, k.kl_coef, k.target_kl, k.horizon)
     return RunState(cfg, tok, loader, val, actor, critic, reward_model, scorer, kl_ctrl, started_ray, groups, str(path),
