@@ -67,6 +67,18 @@ def print_plan(kind: str, cfg) -> None:
             f"reference model: {'on' if cfg.use_reference else 'off'}; launcher: {cfg.launcher}; "
             f"workers: {cfg.world_size} ({cfg.resources.nodes} node(s) × {cfg.resources.devices_per_node})"
         )
+    _print_memory_plan(kind, cfg, console)
+
+
+def _print_memory_plan(kind: str, cfg, console) -> None:
+    """`verl plan`'s table and verdict; a model whose config cannot be read is a note here."""
+    from verlcli.commands.plan import show_plan
+    from verlcli.errors import UserError
+
+    try:
+        show_plan(kind, cfg, console)
+    except UserError as e:
+        console.print(f"memory plan: not available ({e.message})", markup=False)
 
 
 def _print_placement(console, cfg) -> None:

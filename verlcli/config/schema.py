@@ -273,6 +273,12 @@ class TrainerConfig(Section):
     resume: str = Field("auto", description="auto (latest checkpoint in run_dir), never, or a checkpoint path.")
     seed: int = 1
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest k checkpoints.")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many steps in a row whose update was "
+                                     "skipped for a NaN/inf loss or gradient (each one is skipped and counted).")
+    collective_timeout_s: float = Field(1800.0, gt=0.0, description="torch.distributed timeout: a collective a rank "
+                                        "never joins fails after this long instead of hanging.")
+    call_timeout_s: float = Field(3600.0, gt=0.0, description="Longest wait for a worker-group call (Ray); then the "
+                                  "ranks that did not answer are named and the run stops.")
     deterministic: bool = Field(
         False, description="Fixed seeds per step for sampling and deterministic kernels: a resumed run's "
         "metrics equal an uninterrupted run's step for step (CPU; slower kernels on GPU).")

@@ -2,7 +2,9 @@
 
 A resource pool reserves one bundle per device: ``{"GPU": 1, "CPU": c}`` on GPU machines,
 ``{"CPU": c}`` on CPU. It is one STRICT_PACK placement group per node, so rank r always lands
-on node r // devices_per_node and LOCAL_RANK means what it says.
+on node r // devices_per_node and LOCAL_RANK means what it says. With several nodes, a
+STRICT_SPREAD probe first picks that many distinct nodes; each node's group is then pinned to
+one of them, in node-id order (not IP order: nodes may share an IP, as simulated ones do).
 
 Colocation (verl's hybrid engine + colocated critic): several worker groups share one pool.
 Each of their actors asks for 1 / max_colocate of its bundle (fractional GPU and CPU), so
@@ -22,12 +24,13 @@ from verlcli.errors import UserError
 
 try:  # the local launcher must work without Ray
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 except ImportError:  # pragma: no cover
     ray = None
 
 PG_TIMEOUT_ENV = "VERL_PLACEMENT_TIMEOUT_S"
+NODE_ID_LABEL = "ray.io/node-id"  # a label Ray gives every node: its hex node id
 
 
 def require_ray():
@@ -197,6 +200,7 @@ class ResourcePool:
     max_colocate: int
     world_size: int
     users: list[str] = field(default_factory=list)
+    node_ids: list[str] = field(default_factory=list)  # node of each placement group, in order
 
     def scheduling(self, rank: int) -> dict:
         """Ray actor options that put rank `rank` on its bundle with a 1/max_colocate share."""
@@ -235,41 +239,73 @@ def resource_pool(
 ) -> ResourcePool:
     """Reserve one bundle per device, one STRICT_PACK placement group per node, and wait for it.
 
-    max_colocate: how many groups may share each bundle (actor/rollout/ref + critic + reward
-    model = 3). world_size: fewer ranks than nodes × devices_per_node (the last node partly used).
+    max_colocate: how many groups share each bundle (each takes 1/max_colocate of it).
+    world_size: fewer ranks than nodes × devices_per_node (the last node partly used).
     """
     require_ray()
     device = resolve_device(device)
     world = nodes * devices_per_node if world_size is None else world_size
-    _check_fits(world, device, cpus_per_worker)
     bundle = {"CPU": float(cpus_per_worker)} | ({"GPU": 1.0} if device == "cuda" else {})
     counts = [min(devices_per_node, world - i) for i in range(0, world, devices_per_node)]
-    pgs = [placement_group([dict(bundle) for _ in range(n)], strategy="STRICT_PACK") for n in counts]
+    check_fits(world, device, cpus_per_worker, len(counts))
     timeout = float(os.environ.get(PG_TIMEOUT_ENV, "120"))
+    if len(counts) == 1:
+        pgs = [placement_group([dict(bundle) for _ in range(counts[0])], strategy="STRICT_PACK")]
+    else:
+        pins = _distinct_nodes(counts, bundle, timeout)
+        pgs = [placement_group([dict(bundle) for _ in range(n)], strategy="STRICT_PACK",
+                               bundle_label_selector=[{NODE_ID_LABEL: node}] * n) for node, n in pins]
+        counts = [n for _, n in pins]
     for i, pg in enumerate(pgs):
         if not pg.wait(timeout_seconds=timeout):
             for p in pgs:
                 remove_placement_group(p)
-            raise UserError(
-                f"Ray could not reserve node {i}'s {counts[i]} × {bundle} within {timeout:g} s "
-                f"(cluster free: {_fmt(ray.available_resources())})",
-                fix="lower resources.devices_per_node / nodes / cpus_per_worker, add nodes with "
-                f"`ray start --address ...`, or stop other Ray jobs (wait longer: {PG_TIMEOUT_ENV})",
-            )
-    return ResourcePool(pgs, devices_per_node, device, float(cpus_per_worker), max_colocate, world)
+            _not_reserved(f"node {i}'s {counts[i]} × {bundle}", timeout)
+    node_ids = [placement_group_table(pg)["bundles_to_node_id"][0] for pg in pgs]
+    return ResourcePool(pgs, devices_per_node, device, float(cpus_per_worker), max_colocate, world, node_ids=node_ids)
 
 
-def _check_fits(world: int, device: str, cpus_per_worker: float) -> None:
-    """Fail now, with the numbers, when the cluster can never hold the pool (not just busy)."""
+def _distinct_nodes(counts: list[int], bundle: dict, timeout: float) -> list[tuple[str, int]]:
+    """(node id, bundles) for each node's group: distinct nodes (a STRICT_SPREAD probe of
+    one whole-node bundle each), full nodes in node-id order, a partly used one last."""
+    probe = placement_group([{k: v * n for k, v in bundle.items()} for n in counts], strategy="STRICT_SPREAD")
+    try:
+        if not probe.wait(timeout_seconds=timeout):
+            _not_reserved(f"{len(counts)} distinct nodes with {counts[0]} × {bundle} each", timeout)
+        where = placement_group_table(probe)["bundles_to_node_id"]
+        pins = [(where[i], n) for i, n in enumerate(counts)]
+    finally:
+        remove_placement_group(probe)  # its resources go to the pinned groups below
+    return sorted(pins, key=lambda p: (p[1] != counts[0], p[0]))
+
+
+def _not_reserved(what: str, timeout: float):
+    raise UserError(
+        f"Ray could not reserve {what} within {timeout:g} s (cluster free: {_fmt(ray.available_resources())})",
+        fix="lower resources.devices_per_node / nodes / cpus_per_worker, add nodes with "
+        f"`ray start --address ...`, or stop other Ray jobs (wait longer: {PG_TIMEOUT_ENV})",
+    )
+
+
+def check_fits(world: int, device: str, cpus_per_worker: float, nodes: int = 1, why: str = "") -> None:
+    """Fail now, with the numbers, when the cluster can never hold `world` bundles on `nodes`
+    distinct nodes (not just busy). `why` names the config keys behind `world`."""
     total = ray.cluster_resources()
     need = {"CPU": world * cpus_per_worker} | ({"GPU": float(world)} if device == "cuda" else {})
     short = {k: v for k, v in need.items() if total.get(k, 0) + 1e-9 < v}
     if short:
         have = {k: total.get(k, 0) for k in short}
         raise UserError(
-            f"{world} workers need {_fmt(short)} but the Ray cluster has {_fmt(have)}",
+            f"{world} workers{why} need {_fmt(short)} but the Ray cluster has {_fmt(have)}",
             fix="lower resources.nodes × devices_per_node or resources.cpus_per_worker, or start "
             "Ray with more resources (num_cpus / more nodes)",
+        )
+    alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > alive:
+        raise UserError(
+            f"resources.nodes={nodes} but the Ray cluster has {alive} node(s)",
+            fix="join more nodes (`ray start --address HEAD_IP:6379` on each) and point RAY_ADDRESS "
+            "at the head, or lower resources.nodes",
         )
 
 

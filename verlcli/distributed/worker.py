@@ -41,6 +41,19 @@ def node_ip() -> str:
     return "127.0.0.1"
 
 
+def node_id() -> str | None:
+    """Ray's id of the node this process runs on (None outside Ray). Simulated nodes on one
+    machine share host name and IP; the node id tells them apart."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return None
+
+
 class Worker:
     """Base class of every role. Subclasses put their set-up in `setup(**kwargs)`."""
 
@@ -128,6 +141,8 @@ class Worker:
             "world_size": self.world_size,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node_id": node_id(),
+            "node_ip": node_ip(),
             "device": str(self.device),
             "backend": dist.get_backend() if dist.is_initialized() else None,
         }

@@ -17,7 +17,8 @@ def worker_env(cfg, device: str) -> dict:
     """What this run adds to the environment every worker gets (verlcli.distributed's
     worker_env): threads (via OMP only: in-process vLLM makes torch.set_num_threads a
     no-op) and vLLM's CPU KV-cache size."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kvcache_gb)}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kvcache_gb),
+           "VERL_DIST_TIMEOUT_S": str(cfg.trainer.collective_timeout_s)}  # init_process_group's timeout
     if cfg.trainer.deterministic:  # cuBLAS needs a fixed workspace to be deterministic
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     if device == "cpu":
@@ -144,7 +145,7 @@ def build(cfg, device: str, run: Path, checked) -> RunState:
     resources = {**cfg.resources.model_dump(), "device": device}
     plan = placement_plan(cfg)
     pool = shared_pool(cfg, plan, device)  # every colocated group's ranks on the same bundles
-    kw = dict(world_size=cfg.world_size, resources=resources, env=env)
+    kw = dict(world_size=cfg.world_size, resources=resources, env=env, timeout_s=cfg.trainer.call_timeout_s)
     cfg_dict = cfg.model_dump(mode="json")
     setup_kw = dict(cfg=cfg_dict, total_steps=cfg.trainer.total_steps)
     # Workers build their models in setup(), all ranks at once (process-group and vLLM
