@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from verlcli.commands import doctor, eval as eval_cmd, grpo, merge, ppo, prepare_data, presets, report, sft
+from verlcli.commands import doctor, eval as eval_cmd, grpo, merge, plan, ppo, prepare_data, presets, report, sft
 from verlcli.errors import UserError
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app.command("grpo", context_settings={"allow_extra_args": True})(grpo.command)
 app.command("eval")(eval_cmd.command)
 app.command("merge-checkpoint")(merge.command)
 app.command("presets")(presets.command)
+app.command("plan", context_settings={"allow_extra_args": True})(plan.command)
 app.command("doctor")(doctor.command)
 app.command("report")(report.command)
 

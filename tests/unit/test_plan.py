@@ -1,0 +1,201 @@
+"""`verl plan`: model sizes from config.json, each memory term against hand-computed bytes, every
+shipped preset fits its named hardware, and the estimate against measured peak RSS here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from verlcli.config.loader import load_config, preset_names
+from verlcli.config.plan import (
+    GiB,
+    activation_bytes,
+    fixes,
+    kv_bytes_per_token,
+    layer_activation_bytes,
+    logits_bytes,
+    memory_plan,
+    phase_bytes,
+    state_bytes,
+)
+from verlcli.errors import UserError
+from verlcli.models.shape import load_shape, shape_from_config, shipped_config
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = shape_from_config("tiny", shipped_config("verlcli--tiny-qwen2"))
+
+
+def _cfg(preset: str, *overrides: str):
+    return load_config(preset=preset, overrides=list(overrides))
+
+
+def _term(plan, role: str, name_start: str):
+    [t] = [t for t in plan.terms if t.role == role and t.name.startswith(name_start)]
+    return t
+
+
+# ---------------------------------------------------------------- model sizes
+
+
+@pytest.mark.parametrize("name,params", [
+    ("tiny-qwen2", 985_216),                                   # counted by hand below
+    ("smollm2-135m-instruct", 134_515_008),                    # = the built model's numel
+    ("Qwen/Qwen2.5-0.5B-Instruct", 494_032_768),               # published: 0.49B
+    ("Qwen/Qwen2.5-7B-Instruct", 7_615_616_512),               # published: 7.61B
+    ("Qwen/Qwen2.5-32B-Instruct", 32_763_876_352),             # published: 32.8B (HF counter)
+    ("meta-llama/Llama-3.1-8B-Instruct", 8_030_261_248),       # published: 8.03B
+])
+def test_parameter_counts_from_shipped_configs(name, params):
+    assert load_shape(name).params == params
+
+
+def test_tiny_parameter_count_by_hand():
+    # embedding 3072·128 (tied); per layer: q,o 128·128 each, k,v 128·64 each, qkv bias
+    # 128+64+64, SwiGLU 3·128·256, two norms 2·128; 4 layers; final norm 128.
+    layer = 2 * 128 * 128 + 2 * 128 * 64 + 256 + 3 * 128 * 256 + 2 * 128
+    assert TINY.layer_params() == layer == 147_968
+    assert TINY.params == 3072 * 128 + 4 * layer + 128
+
+
+def test_local_directory_config_and_moe(tmp_path):
+    c = dict(shipped_config("verlcli--tiny-qwen2"), num_local_experts=8, num_experts_per_tok=2,
+             moe_intermediate_size=64)
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    s = load_shape(str(tmp_path))
+    # 8 experts of 3·128·64 + a router 128·8 replace the dense MLP; 2 experts are active.
+    assert s.layer_params() == TINY.layer_params() - 3 * 128 * 256 + 8 * 3 * 128 * 64 + 128 * 8
+    assert s.active_params < s.params
+
+
+def test_unknown_hub_id_offline_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(UserError) as e:
+        load_shape("someone/not-a-shipped-model")
+    assert "hf download someone/not-a-shipped-model" in e.value.fix
+
+
+# ---------------------------------------------------------------- terms by hand
+
+
+def test_state_terms_by_hand():
+    n = TINY.params
+    assert state_bytes("fsdp", 3, n, n, 2, gpu=True) == [
+        ("params (fp32 shard)", 4 * n / 2), ("grads (fp32 shard)", 4 * n / 2),
+        ("AdamW state (fp32 shard)", 8 * n / 2)]
+    # DeepSpeed bf16 on GPU, ZeRO-1: full bf16 weights and grads, sharded master + moments.
+    assert [b for _, b in state_bytes("deepspeed", 1, n, n, 4, gpu=True)] == [2 * n, 2 * n, 12 * n / 4]
+    assert [b for _, b in state_bytes("deepspeed", 3, n, n, 4, gpu=True)] == [2 * n / 4, 2 * n / 4, 12 * n / 4]
+
+
+def test_activation_and_logit_terms_by_hand():
+    # fp32 compute (e=4): 20·H + 4·(7·q + 5·kv + 4·I) = 2560 + 4·(896 + 320 + 1024) per token·layer
+    assert layer_activation_bytes(TINY, 4) == 11_520
+    tokens = 2 * 152
+    assert activation_bytes(TINY, tokens, 4, False, residual=4) == 4 * tokens * 11_520
+    # checkpointing: each layer's fp32 input + one layer in full
+    assert activation_bytes(TINY, tokens, 4, True, residual=4) == 4 * tokens * 128 * 4 + tokens * 11_520
+    # logits of 2×25 rows (+ their gradient) in fp32, + one fp32 chunk ×3 of the log-softmax
+    assert logits_bytes(TINY, 50, 4, grad=True) == 50 * 3072 * 4 * 2 + 50 * 3072 * 4 * 3
+    # KV: k and v × 4 layers × 2 KV heads × 32 dims × 4 bytes; TP=2 splits the KV heads
+    assert kv_bytes_per_token(TINY, 1, 4) == 2048
+    assert kv_bytes_per_token(TINY, 2, 4) == 1024
+
+
+def test_tiny_cpu_plan_terms_by_hand():
+    cfg = _cfg("tiny-cpu")  # 2 workers, fp32, micro 2, 128+24 tokens, vLLM KV 1 GiB
+    plan = memory_plan(cfg, "grpo", load_shape("tiny-qwen2"), "cpu")
+    n = TINY.params
+    assert _term(plan, "actor", "params").bytes == 4 * n / 2
+    assert _term(plan, "actor", "grads").bytes == 4 * n / 2
+    assert _term(plan, "actor", "AdamW").bytes == 8 * n / 2
+    assert _term(plan, "actor", "activations").bytes == 4 * 2 * 152 * 11_520
+    assert _term(plan, "rollout", "vLLM KV").bytes == GiB
+    assert _term(plan, "rollout", "vLLM weights").bytes == 4 * n
+    assert plan.kv_tokens == GiB // 2048
+    # CPU: the node is the device; every worker process + driver, Ray, reward pool
+    assert plan.peaks["update"] == 2 * plan.per_device["update"] + sum(plan.node_terms.values())
+    assert plan.fits
+
+
+def test_phases_on_gpu_follow_the_memory_modes():
+    cfg = _cfg("qwen2.5-7b-8xH100", "actor.offload_optimizer=true")
+    plan = memory_plan(cfg, "grpo", load_shape(cfg.model.path), "cuda")
+    opt = _term(plan, "actor", "AdamW")
+    assert opt.phases == ("optimizer step",) and opt.host == opt.bytes  # back only for the step
+    assert "rollout" not in _term(plan, "actor", "params").phases      # offloaded for generation
+    kv = _term(plan, "rollout", "vLLM KV")
+    assert kv.phases == ("rollout",)                                    # freed while training
+    assert _term(plan, "rollout", "vLLM weights").phases == ("rollout", "weight sync")
+    # vLLM's budget is gpu_memory_utilization of the device, weights included
+    w = _term(plan, "rollout", "vLLM weights").bytes
+    assert w == 2 * load_shape(cfg.model.path).params / 2               # bf16, TP=2
+    assert w + kv.bytes == pytest.approx(0.6 * 80e9)
+
+
+def test_working_sets_do_not_add_across_roles():
+    cfg = _cfg("qwen2.5-7b-8xH100")
+    plan = memory_plan(cfg, "grpo", load_shape(cfg.model.path), "cuda")
+    resident = sum(t.bytes for t in plan.terms if "log-probs" in t.phases and not t.transient)
+    actor = sum(t.bytes for t in plan.terms if "log-probs" in t.phases and t.transient and t.role == "actor")
+    assert phase_bytes(plan.terms, "log-probs") == pytest.approx(resident + actor)
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_fits_its_named_hardware(preset):
+    cfg = _cfg(preset)
+    gpu = cfg.resources.device == "cuda"
+    if gpu:  # the hardware the name states
+        assert cfg.resources.device_memory_gb == (141 if "H200" in preset else 80)
+    plan = memory_plan(cfg, "ppo" if cfg.use_critic else "grpo", load_shape(cfg.model.path),
+                       "cuda" if gpu else "cpu")
+    assert plan.fits, (plan.problems, {p: round(b / GiB, 1) for p, b in plan.peaks.items()})
+
+
+def test_a_run_that_does_not_fit_names_knobs_that_do():
+    cfg = _cfg("qwen2.5-7b-8xH100", "model.gradient_checkpointing=false",
+               "actor.micro_batch_sequences_per_device=32")
+    shape = load_shape(cfg.model.path)
+    plan = memory_plan(cfg, "grpo", shape, "cuda")
+    assert not plan.fits and plan.worst_phase == "update"
+    assert plan.largest_term("update").name.startswith("activations")
+    found = fixes(cfg, "grpo", shape, "cuda")
+    assert {"model.gradient_checkpointing": True} in found
+    from verlcli.config.plan import with_overrides
+
+    for f in found:  # every suggestion really fits
+        assert memory_plan(with_overrides(cfg, f), "grpo", shape, "cuda").fits
+
+
+def test_kv_cache_smaller_than_one_sequence_is_a_problem():
+    cfg = _cfg("qwen2.5-32b-4x8xH100", "rollout.tensor_parallel_size=1", "rollout.gpu_memory_utilization=0.3")
+    plan = memory_plan(cfg, "grpo", load_shape(cfg.model.path), "cuda")
+    assert not plan.fits and any("KV cache" in p for p in plan.problems)
+
+
+def test_cli_prints_table_and_verdict_without_torch_in_plan_modules():
+    """The plan's own modules import no torch and read no weights (the 2 s budget); the
+    command prints the table, the verdict and the step time; exit 1 when it does not fit."""
+    code = ("import sys; import verlcli.commands.plan, verlcli.config.plan, verlcli.models.shape; "
+            "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    run = subprocess.run([sys.executable, "-m", "verlcli.cli", "plan", "--preset", "qwen2.5-32b-4x8xH100"],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    for text in ("memory per device", "peak per device", "verdict: fits", "host memory per node",
+                 "time per step", "vLLM KV cache"):
+        assert text in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "verlcli.cli", "plan", "--preset", "qwen2.5-7b-8xH100",
+                          "actor.micro_batch_sequences_per_device=32", "model.gradient_checkpointing=false"],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert bad.returncode == 1 and "does not fit" in bad.stdout and "fits with:" in bad.stdout
