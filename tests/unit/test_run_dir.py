@@ -132,3 +132,27 @@ def test_truncate_metrics_drops_steps_after_the_checkpoint(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "sc')
     rd.truncate_metrics(run, 2)
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_merge_checkpoint_refuses_a_checkpoint_that_does_not_match_its_manifest(tmp_path):
+    run = _run(tmp_path)
+
+    def write(d):
+        role = d / "actor"
+        (role / "model").mkdir(parents=True)
+        (role / "hf").mkdir()
+        (role / "meta.json").write_text('{"kind": "causal_lm"}')
+        (role / "hf" / "config.json").write_text("{}")
+        (role / "model" / "__0_0.distcp").write_bytes(b"w" * 100)
+        (d / "trainer.json").write_text("{}")
+
+    step = rd.save_step(run, 1, write, keep=1)
+    (step / "actor" / "model" / "__0_0.distcp").write_bytes(b"x" * 100)  # same size, other bytes
+    out = tmp_path / "hf_out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "verlcli.cli", "merge-checkpoint", str(step), "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    text = " ".join((r.stdout + r.stderr).split())
+    assert "does not match" in text and "actor/model/__0_0.distcp has a different sha256" in text
+    assert not out.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from verlcli.config.arithmetic import check_resources, check_rollout_tp, model_config_json, rl_plan
 from verlcli.config.loader import to_yaml
 from verlcli.trainer import run_dir as rd
+from verlcli.trainer.guards import NonFiniteGuard
 from verlcli.trainer.loggers import Tracker
 from verlcli.trainer.metrics import Timer, average, count_params, data_metrics, throughput
 from verlcli.trainer.preflight import preflight
@@ -49,6 +50,7 @@ def run_rl(cfg) -> dict:
         if cfg.trainer.val_before_train and w.val_data is not None and start == 0:
             tracker.log(0, validate(cfg, w))
         progress = Progress(cfg.trainer.total_steps, start, enabled=cfg.logging.progress_bar)
+        guard = NonFiniteGuard(cfg)
         for step in range(start + 1, cfg.trainer.total_steps + 1):
             timer = Timer()
             batch = to_prompt_batch(cfg, w.loader.next_batch(), w.tokenizer, repeat=cfg.rollout.n, validation=False, step=step)
@@ -93,9 +95,11 @@ def run_rl(cfg) -> dict:
             metrics.update({**reward_metrics, **filter_metrics, **adv_metrics, **timing})
             metrics.update(throughput(batch, timing, plan.data_parallel_size, n_params, device))
             metrics.update(w.actor.memory())
+            metrics.update(guard.update(step, metrics))  # NaN/inf: the engines skipped the update
             tracker.log(step, metrics)
             progress.advance(metrics)
             last = metrics
+            guard.stop_if_diverged(step)
         progress.close()
     finally:
         tracker.close()

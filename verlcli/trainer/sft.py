@@ -160,7 +160,7 @@ def _build(cfg, device: str, checked) -> SFTRun:
     group = None
     try:
         group = make_worker_group(cfg.launcher, SFTWorker, name="sft", world_size=cfg.world_size,
-                                  resources=resources, env=env)
+                                  resources=resources, env=env, timeout_s=cfg.trainer.call_timeout_s)
         params = group.setup(cfg=cfg.model_dump(mode="json"), total_steps=cfg.trainer.total_steps)[0]
     except BaseException:
         if group is not None:
