@@ -73,6 +73,85 @@ def from_actor_died(group: str, method: str, rank: int, err) -> WorkerError:
     return WorkerError(group, method, rank, f"{verdict}\n  Ray says: {_death_detail(text)}", fix)
 
 
+def oom_kill_count() -> int | None:
+    """The kernel's count of OOM kills in this machine's (container's) memory cgroup."""
+    for path, key in (("/sys/fs/cgroup/memory.events", "oom_kill"),
+                      ("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill")):
+        try:
+            for line in open(path):
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def kernel_oom_record(pid: int | None) -> str | None:
+    """The kernel log's line about OOM-killing `pid`, when the log is readable here."""
+    import subprocess
+
+    if not pid:
+        return None
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=3).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in reversed(out.splitlines()):
+        if re.search(rf"[Kk]illed process {pid}\b", line):
+            return line.strip()
+    return None
+
+
+def worker_died(group: str, method: str, rank: int, err, where: dict | None = None,
+                log_tail: str | None = None, oom_before: int | None = None) -> WorkerError:
+    """A dead worker, said in full: role, rank, node, pid, exit signal, the kernel's OOM
+    record when there is one, and the last lines of the worker's own log."""
+    base = from_actor_died(group, method, rank, err)
+    where = where or {}
+    text = _ANSI.sub("", str(err))
+    sig = exit_signal(text)
+    oom = kernel_oom_record(where.get("pid"))
+    now = oom_kill_count()
+    oom_grew = oom_before is not None and now is not None and now > oom_before
+    lines = [f"worker process died: role '{group}', rank {rank}, node {where.get('host', '?')} "
+             f"({where.get('ip', '?')}), pid {where.get('pid', '?')}, exit: {sig}"]
+    fix = base.fix
+    if oom or oom_grew:
+        lines.append("  the kernel OOM killer ended it (out of host memory)" + (f": {oom}" if oom else
+                     f" (this machine's oom_kill count went {oom_before} → {now})"))
+        fix = OOM_FIX + "; `verl plan` shows the memory a config needs"
+    else:
+        lines.append("  " + base.cause.split("\n")[0])
+        if "SIGKILL" in sig and "memory monitor" not in base.cause:
+            fix = ("if nobody killed it, memory is the usual cause: " + OOM_FIX +
+                   "; `verl plan` shows the memory a config needs")
+    if log_tail:
+        lines.append("  last lines of its log:\n" + _indent(log_tail))
+    return WorkerError(group, method, rank, "\n".join(lines), fix)
+
+
+_SIGNALS = {"SIGKILL": 9, "SIGSEGV": 11, "SIGABRT": 6, "SIGBUS": 7, "SIGTERM": 15, "SIGILL": 4}
+
+
+def exit_signal(text: str) -> str:
+    """The exit signal or code Ray's death note gives, e.g. 'SIGKILL (signal 9)'."""
+    m = re.search(r"\b(SIG[A-Z]+)\b", text)
+    if m and m.group(1) in _SIGNALS:
+        # Ray names SIGKILL in its generic list of causes: only trust it outside that list.
+        generic = "potential root causes" in text and not re.search(r"(killed|terminated) by (signal )?SIG", text)
+        if not generic:
+            return f"{m.group(1)} (signal {_SIGNALS[m.group(1)]})"
+    m = re.search(r"exit(?:ed with)? code[: ]+(-?\d+)", text, flags=re.I)
+    if m:
+        code = int(m.group(1))
+        for name, num in _SIGNALS.items():
+            if code in (-num, 128 + num):
+                return f"{name} (exit code {code})"
+        return f"exit code {code}"
+    return "no exit status (the process vanished: SIGKILL, the OOM killer, or a native crash)"
+
+
 def _death_detail(text: str) -> str:
     """Ray's death note without its boilerplate: pid, ip and the exit detail."""
     text = _ANSI.sub("", text)
@@ -90,8 +169,9 @@ def hang_error(group: str, method: str, timeout_s: float, pending: list[int], do
         "possible collective hang — ranks that disagree on the number of collectives (e.g. "
         "different micro-batch counts), or a rank stuck after another rank failed"
     )
-    fix = ("raise VERL_WORKER_TIMEOUT_S if the step is just slow; otherwise the group is "
-           "unusable now — shut it down and look at the stuck ranks' logs")
+    fix = ("raise trainer.call_timeout_s (VERL_WORKER_TIMEOUT_S outside the trainer) if the step is "
+           "just slow; otherwise look at the stuck ranks' logs (a rank waiting in a collective "
+           "fails by itself after trainer.collective_timeout_s)")
     return WorkerError(group, method, None, cause, fix)
 
 

@@ -20,7 +20,14 @@ from typing import Any
 import torch.distributed as dist
 
 from verlcli.distributed.dispatch import collect_results, registered_methods, split_call
-from verlcli.distributed.errors import WorkerError, from_actor_died, from_task_error, hang_error, last_lines
+from verlcli.distributed.errors import (
+    WorkerError,
+    from_task_error,
+    hang_error,
+    last_lines,
+    oom_kill_count,
+    worker_died,
+)
 from verlcli.distributed.placement import (
     ResourcePool,
     nodes_for,
@@ -101,6 +108,19 @@ class _WorkerHost:
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()
 
+    def where(self) -> dict:
+        """pid, node and Ray's log files of this process: what a death report needs."""
+        import glob
+        import socket as _socket
+
+        pid, logs = os.getpid(), []
+        try:
+            logs_dir = ray._private.worker.global_worker.node.get_logs_dir_path()
+            logs = sorted(glob.glob(os.path.join(logs_dir, f"worker-*-{pid}.*")))
+        except Exception:  # private API moved: the report just has no log lines
+            pass
+        return {"pid": pid, "ip": node_ip(), "host": _socket.gethostname(), "logs": logs}
+
     def start(self, worker_cls: type, kwargs: dict) -> bool:
         self.worker = worker_cls(**kwargs)
         return True
@@ -148,6 +168,9 @@ class RayWorkerGroup(WorkerGroup):
         super().__init__(worker_cls, name, world)
         self.timeout_s = timeout_s
         self._hosts: list = []
+        self._where: list = []
+        self._oom_kills = None
+        self._broken = False  # a rank died or hung: shutdown kills instead of asking
         self._owns_pool = not shared
         if self._owns_pool:  # "separate" or None: whole bundles of our own
             self.pool = resource_pool(nodes_for(world, dpn), min(dpn, world), device, cpus, 1, world)
@@ -170,6 +193,8 @@ class RayWorkerGroup(WorkerGroup):
             host.options(**pool.scheduling(r), runtime_env={"env_vars": actor_env}).remote()
             for r in range(self.world_size)
         ]
+        self._where = self._gather([h.where.remote() for h in self._hosts], "find the workers")
+        self._oom_kills = oom_kill_count()
         [(addr, port)] = self._gather([self._hosts[0].address.remote()], "find rank 0's address")
         self.master = (addr, port)
         starts = [
@@ -206,6 +231,7 @@ class RayWorkerGroup(WorkerGroup):
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             if not ready:
                 done = [r for r in range(len(refs)) if r not in pending.values()]
+                self._broken = True
                 raise hang_error(self.name, method, timeout, sorted(pending.values()), done)
             for ref in ready:
                 rank = pending.pop(ref)
@@ -219,13 +245,21 @@ class RayWorkerGroup(WorkerGroup):
         except exc.RayTaskError as e:
             raise from_task_error(self.name, method, rank, e) from None
         except (exc.RayActorError, exc.OutOfMemoryError, exc.WorkerCrashedError) as e:
-            raise from_actor_died(self.name, method, rank, e) from None
+            self._broken = True  # the other ranks may be stuck in a collective with the dead one
+            where = self._where[rank] if rank < len(self._where) else None
+            raise worker_died(self.name, method, rank, e, where, _log_tail(where), self._oom_kills) from None
         except exc.RayError as e:
             raise WorkerError(self.name, method, rank, f"{type(e).__name__}: {last_lines(str(e), 8)}") from None
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Workers' shutdown() (bounded: a stuck rank must not block), then kill the actors."""
         hosts, self._hosts = self._hosts, []
+        if hosts and self._broken:
+            # Surviving ranks are likely blocked in a collective with the dead or hung one;
+            # stop() would queue behind that call for timeout_s. The error is already out.
+            for h in hosts:
+                ray.kill(h)
+            hosts = []
         if hosts:
             refs = [h.stop.remote() for h in hosts]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
@@ -243,6 +277,24 @@ class RayWorkerGroup(WorkerGroup):
                 ray.kill(h)
         if self._owns_pool and getattr(self, "pool", None) is not None:
             self.pool.remove()
+
+
+def _log_tail(where: dict | None, n: int = 12) -> str | None:
+    """The last lines of a worker's Ray log files (.err first: tracebacks land there)."""
+    if not where:
+        return None
+    tails = []
+    for path in sorted(where.get("logs", []), key=lambda p: not p.endswith(".err")):
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 16384))
+                text = last_lines(f.read().decode("utf-8", "replace"), n)
+        except OSError:
+            tails.append(f"(log {path} is on node {where.get('host')}, not readable here)")
+            continue
+        if text:
+            tails.append(f"{os.path.basename(path)}:\n{text}")
+    return "\n".join(tails) or None
 
 
 def _resources(resources: Any) -> tuple[int, int, str, float]:
@@ -324,10 +376,11 @@ def make_worker_group(
     resources: Any = None,
     placement_group: ResourcePool | str | None = None,
     env: dict | None = None,
+    timeout_s: float | None = None,
 ) -> WorkerGroup:
     """launcher 'ray': a RayWorkerGroup; 'local': a LocalWorkerGroup (world size 1)."""
     if launcher == "ray":
-        return RayWorkerGroup(worker_cls, world_size, resources, init_kwargs, name, placement_group, env)
+        return RayWorkerGroup(worker_cls, world_size, resources, init_kwargs, name, placement_group, env, timeout_s)
     if launcher == "local":
         device = _resources(resources)[2]
         return LocalWorkerGroup(worker_cls, init_kwargs, name, device=device, env=env)

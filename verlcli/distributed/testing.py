@@ -69,5 +69,27 @@ class ToyWorker(Worker):
             os._exit(1)  # the process vanishes, as under the OOM killer
         return self.rank
 
+    @register(dispatch="all")
+    def say(self, text: str) -> int:
+        """A line in this worker's log (stdout), for tests of death reports."""
+        print(f"rank {self.rank}: {text}", flush=True)
+        return os.getpid()
+
+    @register(dispatch="all")
+    def sleep_on(self, rank: int, seconds: float) -> int:
+        """Only rank `rank` sleeps (a straggler or a hung rank)."""
+        if self.rank == rank:
+            time.sleep(seconds)
+        return self.rank
+
+    @register(dispatch="all")
+    def sleep_then_reduce(self, rank: int, seconds: float) -> int:
+        """Rank `rank` sleeps first; the others wait for it inside a gloo all_reduce."""
+        if self.rank == rank:
+            time.sleep(seconds)
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        return int(t.item())
+
     def shutdown(self) -> None:
         self.shutdown_calls += 1

@@ -1,0 +1,56 @@
+"""Faults surface in seconds, with their cause: a Ray worker killed with `kill -9` while its
+peer waits for it in a gloo collective is reported with its role, rank, node, pid, exit
+signal and the last lines of its log, and the group goes down without waiting on the stuck
+peer; a rank that never answers is named (real Ray, real gloo, a real SIGKILL)."""
+
+import os
+import signal
+import threading
+
+import pytest
+
+from verlcli.distributed import RayWorkerGroup, WorkerError, ray_init
+from verlcli.distributed.testing import ToyWorker
+
+ray = pytest.importorskip("ray")
+CPU = {"device": "cpu", "cpus_per_worker": 0.5}
+
+
+@pytest.fixture(scope="module")
+def ray_up():
+    started = not ray.is_initialized()
+    ray_init(num_cpus=2, address="local", env={"OMP_NUM_THREADS": "1"})
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_kill_9_of_a_worker_names_role_rank_node_signal_and_log(ray_up):
+    group = RayWorkerGroup(ToyWorker, 2, CPU, {}, name="actor", placement_group="separate")
+    try:
+        pids = group.say("loaded the model, about to wait in a collective")
+        victim = pids[1]
+        timer = threading.Timer(2.0, os.kill, (victim, signal.SIGKILL))
+        timer.start()
+        with pytest.raises(WorkerError) as info:
+            group.sleep_then_reduce(1, 120.0)  # rank 0 waits in all_reduce for rank 1
+        timer.join()
+    finally:
+        group.shutdown()  # rank 0 is stuck in gloo: the broken group is killed, not asked
+    err = str(info.value)
+    print(err)
+    assert info.value.rank == 1 and info.value.group == "actor"
+    assert f"role 'actor', rank 1, node {os.uname().nodename}" in err and f"pid {victim}" in err
+    assert "SIGKILL" in err
+    assert "last lines of its log" in err and "about to wait in a collective" in err
+    assert "verl plan" in info.value.fix
+
+
+def test_a_rank_that_never_answers_is_named(ray_up):
+    group = RayWorkerGroup(ToyWorker, 2, CPU, {}, name="critic", placement_group="separate", timeout_s=3.0)
+    try:
+        with pytest.raises(WorkerError, match=r"no answer within 3 s from ranks \[1\] \(ranks \[0\] finished\)") as info:
+            group.sleep_on(1, 60.0)
+        assert "trainer.call_timeout_s" in info.value.fix
+    finally:
+        group.shutdown()  # the hung rank is killed, not waited for
