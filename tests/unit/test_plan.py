@@ -199,3 +199,73 @@ def test_cli_prints_table_and_verdict_without_torch_in_plan_modules():
                           "actor.micro_batch_sequences_per_device=32", "model.gradient_checkpointing=false"],
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert bad.returncode == 1 and "does not fit" in bad.stdout and "fits with:" in bad.stdout
+
+
+# ---------------------------------------------------------------- estimate vs measured
+
+# One FSDPEngine update (forward with entropy, backward, AdamW step) in a fresh process at
+# world size 1 — what a `launcher=local` actor does per micro-batch — and its peak RSS.
+MEASURE = r"""
+import json, resource, sys
+import torch, torch.distributed as dist
+from verlcli.distributed.worker import free_port
+from verlcli.config.schema import OptimConfig
+from verlcli.engine import FSDPEngine
+a = json.loads(sys.argv[1])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+eng = FSDPEngine(a["path"], kind="causal_lm", optim=OptimConfig(lr=1e-5), device="cpu",
+                 compute_dtype="auto", gradient_checkpointing=a["ckpt"])
+B, P, R = a["micro"], a["prompt"], a["response"]
+ids = torch.randint(0, eng.hf_config.vocab_size, (B, P + R), generator=torch.Generator().manual_seed(0))
+lp, _ = eng.log_probs(ids, torch.ones_like(ids), torch.arange(P + R).expand(B, -1), response_len=R,
+                      with_entropy=True)
+eng.backward(-lp.mean())
+eng.step()
+print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+@pytest.fixture(scope="module")
+def random_models(tmp_path_factory):
+    """Random-init models of the tiny-qwen2 and SmolLM2-135M shapes (memory depends on the
+    shape only), written from the shipped config.json files in fp32 like the built-ins."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = {}
+    for name, key in (("tiny", "verlcli--tiny-qwen2"), ("smol", "HuggingFaceTB--SmolLM2-135M-Instruct")):
+        c = {k: v for k, v in shipped_config(key).items() if k not in ("architectures", "torch_dtype")}
+        config = AutoConfig.for_model(**c)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.config.dtype = torch.float32
+        out[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out[name])
+        del model
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,model,micro,prompt,response,ckpt", [
+    ("tiny-cpu", "tiny", 2, 128, 24, False),
+    ("smollm2-135m-cpu", "smol", 4, 48, 16, False),
+    ("smollm2-135m-cpu", "smol", 16, 48, 16, False),
+    ("smollm2-135m-cpu", "smol", 16, 48, 16, True),
+])
+def test_estimate_within_25_percent_of_measured_peak_rss(random_models, preset, model, micro, prompt,
+                                                         response, ckpt):
+    path = str(random_models[model])
+    cfg = _cfg(preset, f"model.path={path}", f"data.max_prompt_tokens={prompt}",
+               f"data.max_response_tokens={response}", "rollout.n=4", "rollout.temperature=1.0",
+               "data.train_prompts_per_step=8", "actor.mini_batch_prompts=8",
+               f"actor.micro_batch_sequences_per_device={micro}", "resources.devices_per_node=1",
+               "launcher=local", f"model.gradient_checkpointing={str(ckpt).lower()}")
+    plan = memory_plan(cfg, "grpo", load_shape(path), "cpu", roles=["actor"])
+    estimate = max(plan.per_device["update"], plan.per_device["optimizer step"])
+    args = json.dumps(dict(path=path, micro=micro, prompt=prompt, response=response, ckpt=ckpt))
+    run = subprocess.run([sys.executable, "-c", MEASURE, args], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])["peak_rss"]
+    print(f"{preset} micro={micro} ckpt={ckpt}: estimate {estimate / GiB:.2f} GiB, "
+          f"measured {measured / GiB:.2f} GiB ({estimate / measured - 1:+.0%})")
+    assert abs(estimate / measured - 1) <= 0.25

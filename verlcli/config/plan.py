@@ -426,23 +426,22 @@ def memory_plan(cfg: Config, kind: str, shape: ModelShape, device: str | None = 
         ct = _engine_terms(_Ctx(**{**ctx.__dict__, "shape": cs}), "critic", cs.value_model_params,
                            cs.value_model_params, c.offload_params, c.offload_optimizer,
                            c.micro_batch_sequences_per_device, batch["max_sequence_tokens"], None, pc=c)
-        if c.placement == "separate":  # its own devices: only the critic and a runtime there
-            rt0 = GPU_CONTEXT if gpu else CPU_RUNTIME
-            extra["critic devices"] = rt0 + max(phase_bytes(ct, p) for p in phases)
-            for t in ct:
-                t.role = "critic (own devices)"
-                t.phases = ()
+        if c.placement == "separate":
+            _separate(ct, "critic", extra, phases, GPU_CONTEXT if gpu else CPU_RUNTIME)
         terms += ct
     if "reward model" in roles:
         ms = rm_shape or shape
         eb = 2 if gpu else 4
         rm_tokens = cfg.reward.model.micro_batch_sequences_per_device * (cfg.data.max_prompt_tokens
                                                                         + cfg.data.max_response_tokens + 64)
-        terms.append(Term("reward model", "weights (own process)", eb * ms.value_model_params, phases))
-        terms.append(Term("reward model", "runtime", GPU_CONTEXT if gpu else CPU_RUNTIME, phases,
-                          host=GPU_HOST_RUNTIME if gpu else 0))
-        terms.append(Term("reward model", "no-grad forward", rm_tokens * forward_working_bytes(ms, eb),
-                          ("log-probs",), transient=True))
+        rt = [Term("reward model", "weights (own process)", eb * ms.value_model_params, phases),
+              Term("reward model", "runtime", GPU_CONTEXT if gpu else CPU_RUNTIME, phases,
+                   host=GPU_HOST_RUNTIME if gpu else 0),
+              Term("reward model", "no-grad forward", rm_tokens * forward_working_bytes(ms, eb),
+                   ("log-probs",), transient=True)]
+        if cfg.reward.model.placement == "separate":
+            _separate(rt, "reward model", extra, phases, 0.0)
+        terms += rt
     per_device = {p: phase_bytes(terms, p) for p in phases}
     workers = rs.devices_per_node
     node_extra = _node_terms(cfg, kind, gpu)
@@ -460,6 +459,15 @@ def memory_plan(cfg: Config, kind: str, shape: ModelShape, device: str | None = 
                 kv_tokens=kv_tokens, per_device=per_device, node_terms=node_extra, extra_peaks=extra)
     _add_time(plan, cfg, kind, shape, batch, e, critic_shape)
     return plan
+
+
+def _separate(terms: list[Term], role: str, extra: dict, phases, runtime: float) -> None:
+    """A role on a resource pool of its own: its peak goes to `extra`, its rows stay in the
+    table (marked) but no longer count on the hybrid devices."""
+    extra[f"{role} devices"] = runtime + max(phase_bytes(terms, p) for p in phases)
+    for t in terms:
+        t.role = f"{role} (own devices)"
+        t.phases = ()
 
 
 def _node_terms(cfg: Config, kind: str, gpu: bool) -> dict[str, float]:
