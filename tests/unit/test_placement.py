@@ -68,3 +68,12 @@ def test_rm_example_in_ppo_help_places_on_one_node_by_dry_run(tmp_path):
     out = re.sub(r"\s+", " ", r.stdout)
     assert "reward_model" in out and "1/2 of a device each" in out
     assert re.search(r"devices needed │ 8 │", out) and re.search(r"nodes needed │ 1 │", out)
+
+
+def test_network_interface_settings_reach_workers_on_every_node(monkeypatch):
+    from verlcli.distributed.placement import worker_env
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
+    env = worker_env()
+    assert env["GLOO_SOCKET_IFNAME"] == "eth1" and env["NCCL_SOCKET_IFNAME"] == "ib0"

@@ -49,6 +49,9 @@ def worker_env(extra: dict | None = None) -> dict[str, str]:
     keep = ("OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE",
             "VERL_DIST_TIMEOUT_S", "VERL_HOME", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     env = {k: os.environ[k] for k in keep if k in os.environ}
+    # Which network interface gloo / NCCL use (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME, NCCL_IB_*,
+    # NCCL_DEBUG ...): set where `verl` runs, they must reach the workers on every node too.
+    env.update({k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "GLOO_"))})
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = str(Path(__file__).resolve().parents[2])
