@@ -15,7 +15,6 @@ from verlcli.config.loader import load_config, preset_names
 from verlcli.config.plan import (
     GiB,
     activation_bytes,
-    fixes,
     kv_bytes_per_token,
     layer_activation_bytes,
     logits_bytes,
@@ -23,6 +22,7 @@ from verlcli.config.plan import (
     phase_bytes,
     state_bytes,
 )
+from verlcli.config.plan_fixes import fixes, with_overrides
 from verlcli.errors import UserError
 from verlcli.models.shape import load_shape, shape_from_config, shipped_config
 
@@ -169,8 +169,6 @@ def test_a_run_that_does_not_fit_names_knobs_that_do():
     assert plan.largest_term("update").name.startswith("activations")
     found = fixes(cfg, "grpo", shape, "cuda")
     assert {"model.gradient_checkpointing": True} in found
-    from verlcli.config.plan import with_overrides
-
     for f in found:  # every suggestion really fits
         assert memory_plan(with_overrides(cfg, f), "grpo", shape, "cuda").fits
 

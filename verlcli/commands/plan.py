@@ -47,7 +47,8 @@ def show_plan(kind: str, cfg, console=None) -> bool:
     from rich.console import Console
     from rich.table import Table
 
-    from verlcli.config.plan import fixes, memory_plan, resolve_device
+    from verlcli.config.plan import memory_plan, resolve_device
+    from verlcli.config.plan_fixes import fixes
     from verlcli.models.shape import load_shape
 
     console = console or Console()
