@@ -131,7 +131,7 @@ class TrainEngine(ABC):
         """Restore model, optimizer, schedule and RNG; returns the saved `extra` dict."""
 
 
-STRATEGIES = ("fsdp", "deepspeed")
+STRATEGIES = ("fsdp", "deepspeed", "megatron")
 
 
 def make_engine(role, model_path: str | Path, **kwargs) -> TrainEngine:
@@ -150,4 +150,9 @@ def make_engine(role, model_path: str | Path, **kwargs) -> TrainEngine:
         from verlcli.engine.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(model_path, zero_stage=role.zero_stage, **kwargs)
+    if strategy == "megatron":
+        from verlcli.engine.megatron import MegatronEngine
+
+        return MegatronEngine(model_path, tensor_parallel_size=role.tensor_parallel_size,
+                              pipeline_parallel_size=role.pipeline_parallel_size, **kwargs)
     raise ValueError(f"unknown training strategy {strategy!r}; known: {', '.join(STRATEGIES)}")

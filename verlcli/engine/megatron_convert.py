@@ -127,6 +127,30 @@ def entries(layout: Layout) -> list[tuple[str, str, tuple[str, ...]]]:
     return out
 
 
+PP_BLOCKER = ("pipeline_parallel_size > 1 needs megatron's pipeline schedules "
+              "(megatron/core/pipeline_parallel/schedules.py, forward_backward_pipelining_*), "
+              "which exchange activations with torch.cuda streams/events")
+
+
+def check_parallel_sizes(tp: int, pp: int, world: int, device: str, hf_config=None) -> None:
+    """Raise UserError for sizes the megatron engine cannot run (preflight and engine)."""
+    from verlcli.errors import UserError
+
+    if pp > 1:
+        where = "on CPU" if device != "cuda" else "in this engine yet"
+        raise UserError(f"pipeline_parallel_size={pp} is not supported {where}: {PP_BLOCKER}",
+                        fix="set pipeline_parallel_size=1 (use tensor_parallel_size to split layers)")
+    if tp < 1 or world % tp:
+        raise UserError(f"tensor_parallel_size={tp} must divide the number of ranks ({world})",
+                        fix="choose a tensor_parallel_size that divides resources.nodes × devices_per_node")
+    if hf_config is not None:
+        try:
+            layout_from_hf(hf_config, tp)
+        except ValueError as e:
+            raise UserError(f"strategy=megatron: {e}", fix="change tensor_parallel_size, or use strategy=fsdp "
+                            "for this model") from None
+
+
 # ---------------------------------------------------------------- one rank's slices
 
 
