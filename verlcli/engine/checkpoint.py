@@ -223,6 +223,11 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 
 def _check_compatible(engine, meta: dict, path: Path) -> None:
+    strategy, mine = meta.get("strategy", "fsdp"), getattr(engine, "strategy", "fsdp")
+    if strategy != mine:
+        raise UserError(f"checkpoint {path} was written by the {strategy} engine, this run uses {mine}",
+                        fix=f"resume with actor.strategy={strategy} (critic.strategy, sft.strategy alike), "
+                            f"or `verl merge-checkpoint {path.parent}` and start from it with model.path")
     if meta["kind"] != engine.kind:
         raise UserError(f"checkpoint {path} holds a {meta['kind']} model, not {engine.kind}",
                         fix="resume the actor from an actor checkpoint and the critic from "
@@ -281,6 +286,12 @@ def load_full_state_dict(ckpt_dir: str | os.PathLike, *,
 
     path = Path(ckpt_dir)
     meta = read_meta(path)
+    if meta.get("strategy", "fsdp") == "deepspeed":
+        from verlcli.engine.ds_checkpoint import load_full_state_dict as load_zero
+
+        sd = load_zero(path, meta)
+        return sd if not merge_lora else to_hf_state_dict(sd, meta.get("lora_scale"),
+                                                            meta.get("tied_aliases", []))
     reader = dcp.FileSystemReader(str(path / "model"))
     sd = {key: torch.empty(md.size, dtype=md.properties.dtype)
           for key, md in reader.read_metadata().state_dict_metadata.items()
