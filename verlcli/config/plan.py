@@ -160,15 +160,18 @@ def rollout_bytes(cfg: Config, device: str) -> int:
     return 2 if d == "bfloat16" else 4
 
 
-def layer_activation_bytes(shape: ModelShape, e: int) -> float:
-    """Saved-for-backward bytes per token per decoder layer without checkpointing.
-    Norms compute in fp32 (input, normalized copy, output: ~20·H bytes for both norms);
-    attention saves q/k/v before and after RoPE, the GQA-repeated k/v, its output and the
-    o_proj input (~7 q-widths + 5 kv-widths); SwiGLU saves gate, up, silu(gate) and the
-    product (4 intermediate widths)."""
+def layer_activation_bytes(shape: ModelShape, e: int, autocast: bool = False) -> float:
+    """Saved-for-backward bytes per token per decoder layer without checkpointing (counted
+    with saved-tensor hooks on SmolLM2 here: 44.8 KB measured vs 46.8 KB from this formula
+    without padding; padding adds the GQA-repeated k/v, which this formula includes).
+    Norms: input, normalized copy and output in fp32, two per layer (24·H; CPU autocast
+    also keeps the bf16 cast of each: +4·H). Attention: q after RoPE, k/v repeated to all
+    heads, the output and the o_proj input (5 q-widths). SwiGLU: gate, up, silu(gate) and
+    the product (4 intermediate widths)."""
     inter = (shape.experts_per_token * shape.moe_intermediate + shape.shared_intermediate
              if shape.experts else shape.intermediate)
-    return 20 * shape.hidden + e * (7 * shape.q_dim + 5 * shape.kv_dim + 4 * inter)
+    norms = 24 * shape.hidden + (4 * shape.hidden if autocast else 0)
+    return norms + e * (5 * shape.q_dim + 4 * inter)
 
 
 def forward_working_bytes(shape: ModelShape, e: int) -> float:
@@ -182,8 +185,9 @@ def forward_working_bytes(shape: ModelShape, e: int) -> float:
 def activation_bytes(shape: ModelShape, tokens: int, e: int, checkpointing: bool,
                      residual: int) -> float:
     """One micro-batch of `tokens` tokens. With checkpointing: each layer's input (`residual`
-    bytes: fp32 under CPU autocast, the compute dtype on GPU) plus one layer recomputed."""
-    full_layer = tokens * layer_activation_bytes(shape, e)
+    bytes: fp32 on CPU, also under autocast; the compute dtype on GPU) plus one layer
+    recomputed in full."""
+    full_layer = tokens * layer_activation_bytes(shape, e, autocast=residual > e)
     if not checkpointing:
         return shape.layers * full_layer
     return shape.layers * tokens * shape.hidden * residual + full_layer
@@ -272,16 +276,17 @@ def _engine_terms(ctx: _Ctx, role: str, params: int, trainable: int, offload_par
                           note="offloaded; back for the step" if off_o else ""))
     fwd = ("log-probs", "update") if train else ("log-probs",)
     fwd = tuple(f for f in fwd if f in ctx.phases)
-    if gpu:  # FSDP unshards in bf16: two layers in flight (prefetch) + the root's embeddings
+    sharded = strategy != "deepspeed" or stage == 3  # else every rank holds full weights
+    if gpu and sharded:  # unsharded in bf16: two layers in flight (prefetch) + the root's embeddings
         gathered = 2 * (2 * s.layer_params() + s.embedding_params + s.hidden)
-        terms.append(Term(role, "gathered bf16 weights (FSDP)", gathered, fwd, transient=True))
-    else:
-        if e == 2 and train:  # autocast caches a bf16 copy of every trainable linear weight
-            terms.append(Term(role, "bf16 weight copies (autocast)", 2 * (params - s.vocab * s.hidden
-                                                                           * (1 if s.tied else 0)),
+        terms.append(Term(role, "gathered bf16 weights", gathered, fwd, transient=True))
+    elif not gpu:
+        if e == 2 and train:  # autocast caches a bf16 copy of every weight a matmul uses
+            untied_input = 0 if s.tied else s.vocab * s.hidden  # a lookup is not cast
+            terms.append(Term(role, "bf16 weight copies (autocast)", 2 * (params - untied_input),
                               ("update",), transient=True))
-        if dp > 1:  # FSDP unshards fp32 layers one at a time + the root's embeddings
-            terms.append(Term(role, "gathered fp32 weights (FSDP)",
+        if dp > 1 and sharded:  # unsharded fp32 layers in flight + the root's embeddings
+            terms.append(Term(role, "gathered fp32 weights",
                               4 * (2 * s.layer_params() + s.embedding_params), fwd, transient=True))
     ckpt = ctx.cfg.model.gradient_checkpointing
     temp = ctx.cfg.rollout.temperature not in (0.0, 1.0) and not sft
