@@ -120,8 +120,14 @@ class OptimConfig(Section):
 class PolicyConfig(Section):
     """Shared by actor and critic: how a mini-batch is cut and how memory is saved."""
 
-    strategy: Literal["fsdp", "deepspeed"] = Field(
-        "fsdp", description="Training engine: fsdp (PyTorch FSDP2) or deepspeed (ZeRO). The reference model uses the actor's."
+    strategy: Literal["fsdp", "deepspeed", "megatron"] = Field(
+        "fsdp", description="Training engine: fsdp (PyTorch FSDP2), deepspeed (ZeRO) or megatron (megatron-core tensor parallel). The reference model uses the actor's."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="strategy=megatron: ranks that split each layer (must divide the ranks and the attention/KV heads); the rest is data parallel."
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="strategy=megatron: pipeline stages; only 1 is supported (megatron's pipeline schedules need CUDA)."
     )
     zero_stage: Literal[1, 2, 3] = Field(
         3, description="strategy=deepspeed: ZeRO stage (1 optimizer states, 2 + gradients, 3 + parameters sharded)."
@@ -250,8 +256,14 @@ class RewardConfig(Section):
 
 
 class SFTConfig(Section):
-    strategy: Literal["fsdp", "deepspeed"] = Field(
-        "fsdp", description="Training engine: fsdp (PyTorch FSDP2) or deepspeed (ZeRO)."
+    strategy: Literal["fsdp", "deepspeed", "megatron"] = Field(
+        "fsdp", description="Training engine: fsdp (PyTorch FSDP2), deepspeed (ZeRO) or megatron (megatron-core tensor parallel)."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="strategy=megatron: ranks that split each layer (must divide the ranks and the attention/KV heads); the rest is data parallel."
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="strategy=megatron: pipeline stages; only 1 is supported (megatron's pipeline schedules need CUDA)."
     )
     zero_stage: Literal[1, 2, 3] = Field(
         3, description="strategy=deepspeed: ZeRO stage (1 optimizer states, 2 + gradients, 3 + parameters sharded)."

@@ -488,7 +488,7 @@ class MegatronEngine(TrainEngine):
         bucket, size = [], 0
         for kind, mname, hnames in self.entries:
             for h, full in zip(hnames, self._gather_hf(kind, self.params[mname])):
-                full = full.to(dtype) if dtype is not None else full.clone()
+                full = full.to(dtype=dtype or full.dtype, copy=True)  # never a view of a live parameter
                 names = [h] + [alias for kept, alias in self.tied_aliases if kept == h]
                 for name in names:
                     if bucket and size + full.numel() * full.element_size() > bucket_bytes:

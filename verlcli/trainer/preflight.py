@@ -65,8 +65,31 @@ def preflight(cfg, kind: str, dry_run: bool = False) -> Checked:
         _check_data_files(cfg, kind, out)  # no tokenizer: existence and columns only
     if kind == "rl":
         check_rewards(cfg, out)
+    check_megatron(cfg, kind, out)
     check_resume(cfg, kind, run, out)
     return out
+
+
+def check_megatron(cfg, kind: str, out: Checked) -> None:
+    """strategy=megatron: tensor/pipeline sizes against the ranks and the model's heads,
+    before any worker starts (a bad size otherwise surfaces as a worker error)."""
+    roles = [cfg.sft] if kind == "sft" else [cfg.actor] + ([cfg.critic] if cfg.use_critic else [])
+    roles = [r for r in roles if r.strategy == "megatron"]
+    if not roles:
+        return
+    import torch
+    from transformers import AutoConfig
+
+    from verlcli.engine.megatron_convert import check_parallel_sizes
+
+    device = cfg.resources.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = 1 if cfg.launcher == "local" else cfg.world_size
+    hf = AutoConfig.from_pretrained(out.model_path) if out.model_path is not None else None
+    for role in roles:
+        check_parallel_sizes(role.tensor_parallel_size, role.pipeline_parallel_size, world, device, hf)
+    out.lines.append(f"megatron: tensor_parallel_size {roles[0].tensor_parallel_size} on {world} ranks")
 
 
 # ---------------------------------------------------------------- run directory
