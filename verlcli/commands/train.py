@@ -121,6 +121,19 @@ def print_preflight(kind: str, cfg) -> None:
         print(f"warning: {line}")
 
 
+def from_verl_overrides(kind: str, text_or_path: str) -> list[str]:
+    """verl overrides → ours (config.verl_compat), with the translation shown."""
+    from verlcli.config.verl_compat import read_overrides, translate
+
+    t = translate(read_overrides(text_or_path))
+    print(f"translated: {t.command(kind)}")
+    for key, why in t.ignored:
+        print(f"ignored (no effect here): {key}: {why}")
+    for item in t.unmapped:
+        print(f"not mapped: {item}")
+    return t.overrides
+
+
 def make_command(kind: str, example: str):
     def command(
         overrides: Optional[List[str]] = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. actor.optim.lr=1e-6"),
@@ -130,8 +143,12 @@ def make_command(kind: str, example: str):
                                      "data, model, rewards and run directory, then exit (nothing is written)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Show vLLM, Ray and worker output on the console "
                                      "(else it goes to RUN_DIR/logs/); same as logging.verbose=true."),
+        from_verl: Optional[str] = typer.Option(None, "--from-verl", help="verl's hydra overrides ('KEY=VALUE ...', or "
+                                                "a run-script file), translated to these keys; prints the command "
+                                                "and names what it cannot map. KEY=VALUE arguments still win."),
     ):
-        cfg = resolve(kind, preset, config, (overrides or []) + (["logging.verbose=true"] if verbose else []))
+        overrides = (from_verl_overrides(kind, from_verl) if from_verl else []) + (overrides or [])
+        cfg = resolve(kind, preset, config, overrides + (["logging.verbose=true"] if verbose else []))
         notice = verb_notice(kind, cfg)
         if notice:
             print(notice)
