@@ -10,7 +10,7 @@
 # GPU memory, and `verl plan`'s estimate for the same config), then `pytest -m gpu tests/gpu`.
 # Knobs (env): GPU_CHECK_SHAPES ("qwen2.5-0.5b qwen2.5-1.5b"), GPU_CHECK_ALGOS ("grpo ppo"),
 # GPU_CHECK_PROMPTS (16), GPU_CHECK_N (4), GPU_CHECK_RESPONSE (128), GPU_CHECK_STEPS (3),
-# GPU_CHECK_BUDGET_S (450: runs that would start after this are skipped, so pytest still
+# GPU_CHECK_BUDGET_S (330: runs that would start after this are skipped, so pytest still
 # runs), GPU_CHECK_DEVICE (cuda; cpu with GPU_CHECK_SHAPES=tiny tries the script anywhere).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ PROMPTS="${GPU_CHECK_PROMPTS:-16}"
 N="${GPU_CHECK_N:-4}"
 RESPONSE="${GPU_CHECK_RESPONSE:-128}"
 STEPS="${GPU_CHECK_STEPS:-3}"
-BUDGET="${GPU_CHECK_BUDGET_S:-450}"
+BUDGET="${GPU_CHECK_BUDGET_S:-330}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 
 # Our package without installing anything (pip could not fetch a build backend offline).
