@@ -421,3 +421,17 @@ def test_good_dry_run_reports_checks_and_writes_nothing(capsys, work):
     for needle in ("ok: run directory", "ok: model.path=tiny-qwen2", "ok: data (train): 8 prompts", "ok: rewards"):
         assert needle in text, needle
     assert snapshot(work) == before and not (work / "runs").exists()
+
+
+def test_model_needing_remote_code_is_refused_and_its_code_never_runs(capsys, work, model_dir):
+    m = model_copy(work, model_dir)
+    config = json.loads((m / "config.json").read_text())
+    config.update(model_type="verl_custom_test", auto_map={"AutoConfig": "custom_config.CustomConfig"})
+    (m / "config.json").write_text(json.dumps(config))
+    (m / "custom_config.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('CODE_RAN').write_text('x')\n"
+        "from transformers import PretrainedConfig\n\nclass CustomConfig(PretrainedConfig):\n"
+        "    model_type = 'verl_custom_test'\n")
+    expect_error(capsys, work, ["grpo", *TINY, "--dry-run", f"model.path={m}"], "needs its own Python code",
+                 "model.trust_remote_code=true")
+    assert not (m / "CODE_RAN").exists()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from verlcli.distributed.dispatch import collect_results, registered_methods, split_call
+from verlcli.distributed.dispatch import collect_results, dp_group_size, registered_methods, split_call
 from verlcli.distributed.errors import (
     WorkerError,
     from_task_error,
@@ -38,6 +38,7 @@ from verlcli.distributed.placement import (
     resource_pool,
     worker_env,
 )
+from verlcli.distributed.logs import GROUP_ENV, log_path, redirect_process_output, route_library_logs
 from verlcli.distributed.worker import free_port, node_ip
 
 TIMEOUT_ENV = "VERL_WORKER_TIMEOUT_S"
@@ -52,6 +53,9 @@ class WorkerGroup:
         self.world_size = world_size
         # Ranks per rollout replica (rollout.tensor_parallel_size): how `replica` methods split.
         self.replica_size = 1
+        # Consecutive ranks that share one data-parallel slice (the training engine's tensor-
+        # parallel size): how `dp` methods split. Learned from the workers: use_worker_dp_layout.
+        self.dp_group_size = 1
         self._bind_methods()
 
     def _bind_methods(self) -> None:
@@ -67,10 +71,17 @@ class WorkerGroup:
         @functools.wraps(getattr(self.worker_cls, method))
         def call(*args, **kwargs):
             label = f"{self.name}.{method}"
-            per_rank, plan = split_call(spec, self.world_size, args, kwargs, label, self.replica_size)
+            share = self.replica_size if spec.mode == "replica" else self.dp_group_size
+            per_rank, plan = split_call(spec, self.world_size, args, kwargs, label, share)
             return collect_results(spec, plan, self._run(method, per_rank), label)
 
         return call
+
+    def use_worker_dp_layout(self) -> int:
+        """Ask every worker for its (dp_rank, dp_size) and split `dp` calls by them. Only
+        layouts of consecutive blocks are valid (rank r → slice r // k): megatron's order."""
+        self.dp_group_size = dp_group_size(self.execute_all("dp_coords"), self.name)
+        return self.dp_group_size
 
     def execute_all(self, method: str, *args, **kwargs) -> list:
         """Call any worker method (registered or not) with the same arguments on every rank."""
@@ -104,6 +115,7 @@ class _WorkerHost:
 
     def __init__(self):
         self.worker = None
+        self.log = None  # RUN_DIR/logs/<group>_rank<r>.log once start() redirected this process
 
     def address(self) -> tuple[str, int]:
         return node_ip(), free_port()
@@ -119,9 +131,14 @@ class _WorkerHost:
             logs = sorted(glob.glob(os.path.join(logs_dir, f"worker-*-{pid}.*")))
         except Exception:  # private API moved: the report just has no log lines
             pass
+        if self.log is not None:  # stdout/stderr go there, not to Ray's worker-*.out/.err
+            logs = [str(self.log)] + logs
         return {"pid": pid, "ip": node_ip(), "host": _socket.gethostname(), "logs": logs}
 
     def start(self, worker_cls: type, kwargs: dict) -> bool:
+        # Before anything is built: vLLM, torch and gloo write to this worker's own log file.
+        self.log = log_path(os.environ.get(GROUP_ENV, "worker"), kwargs.get("rank", 0))
+        redirect_process_output(self.log)
         self.worker = worker_cls(**kwargs)
         return True
 
@@ -188,6 +205,7 @@ class RayWorkerGroup(WorkerGroup):
         actor_env = worker_env()
         actor_env.setdefault("OMP_NUM_THREADS", str(max(1, int(pool.cpus_per_worker))))
         actor_env.update({k: str(v) for k, v in env.items()})
+        actor_env[GROUP_ENV] = self.name  # names its log file (RUN_DIR/logs/<group>_rank<r>.log)
         host = _host_cls()
         self._hosts = [
             host.options(**pool.scheduling(r), runtime_env={"env_vars": actor_env}).remote()
@@ -334,6 +352,8 @@ class LocalWorkerGroup(WorkerGroup):
         super().__init__(worker_cls, name, 1)
         for key, value in (env or {}).items():  # what a Ray worker would get, unless set here
             os.environ.setdefault(key, str(value))
+        # This process's stdout is the console: route vLLM's logger and warnings to a file instead.
+        route_library_logs(log_path(name, "local"))
         had_world = dist.is_initialized()
         try:
             self.worker = worker_cls(rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),

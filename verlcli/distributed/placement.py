@@ -14,6 +14,7 @@ that gets its own pool (`placement_group="separate"`) asks for whole bundles.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -161,24 +162,28 @@ def _cluster_address(address: str | None) -> str | None:
     return found
 
 
-def ray_init(num_cpus: int | None = None, env: dict | None = None, address: str | None = None) -> None:
+def ray_init(num_cpus: int | None = None, env: dict | None = None, address: str | None = None,
+             log_to_driver: bool = True) -> None:
     """Connect to a running Ray cluster, or start a private one on this machine.
 
     address None: RAY_ADDRESS or a cluster from `ray start --head` if there is one (multi-node
     is Ray's job), else a new local instance with `num_cpus`. address "local": always a new
-    local instance (tests, and not stepping on someone else's cluster).
+    local instance (tests, and not stepping on someone else's cluster). log_to_driver=False:
+    workers' output stays in their log files (verlcli.distributed.logs), and Ray's own
+    start-up notes are not printed either.
     """
     require_ray()
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": worker_env(env)}
+    quiet = {} if log_to_driver else {"logging_level": logging.ERROR}
     found = None if address == "local" else _cluster_address(address)
     if found:
         # An existing cluster has its own resource counts; num_cpus is not allowed here.
-        ray.init(address=found, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=found, runtime_env=runtime_env, log_to_driver=log_to_driver, **quiet)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env=runtime_env)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                 runtime_env=runtime_env, **quiet)
 
 
 def resolve_device(device: str) -> str:

@@ -12,11 +12,31 @@ from pathlib import Path
 
 from rich.console import Console
 
-CONSOLE_KEYS = [
-    "score/mean", "val/score/mean", "response/length_mean", "actor/entropy", "actor/ppo_kl",
-    "actor/pg_clipfrac", "actor/grad_norm", "rollout/logprob_gap_mean", "timing/step_s", "perf/gen_tokens_per_s",
-    "train/loss", "val/loss", "train/grad_norm", "train/lr", "perf/tokens_per_s",
+# The console's one line per step: (label, candidate keys — the first present is shown, format).
+# Everything else is in metrics.jsonl (and TensorBoard / wandb).
+CONSOLE_COLUMNS = [
+    ("reward", ("score/mean",), ".3f"),
+    ("val", ("val/score/mean",), ".3f"),
+    ("len", ("response/length_mean",), ".1f"),
+    ("entropy", ("actor/entropy",), ".3f"),
+    ("kl", ("actor/kl_loss", "actor/reward_kl_penalty", "actor/ppo_kl"), ".2g"),
+    ("loss", ("train/loss",), ".4f"),
+    ("val_loss", ("val/loss",), ".4f"),
+    ("lr", ("train/lr",), ".2g"),
+    ("tok/s", ("perf/tokens_per_s",), ".0f"),
+    ("s", ("timing/step_s",), ".1f"),
 ]
+
+
+def console_line(step: int, metrics: dict) -> str | None:
+    """'step 3  reward 0.250  val 0.310  len 45.2  entropy 1.23  kl 0.0012  s 3.2'; None when
+    the step has none of those metrics (e.g. the weight-sync numbers logged at step 0)."""
+    parts = []
+    for label, keys, fmt in CONSOLE_COLUMNS:
+        key = next((k for k in keys if isinstance(metrics.get(k), (int, float))), None)
+        if key is not None:
+            parts.append(f"{label} {format(metrics[key], fmt)}")
+    return f"step {step}  " + "  ".join(parts) if parts else None
 
 
 class Tracker:
@@ -48,9 +68,9 @@ class Tracker:
             self.tb.flush()
         if self.wandb:
             self.wandb.log(clean, step=step)
-        if "console" in self.backends:
-            shown = [f"{k}={clean[k]:.4g}" for k in CONSOLE_KEYS if isinstance(clean.get(k), (int, float))]
-            self.console.print(f"[bold]step {step}[/bold] " + " ".join(shown), highlight=False)
+        line = console_line(step, clean) if "console" in self.backends else None
+        if line:
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.tb:

@@ -6,12 +6,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgres
 
 
 class Progress:
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, label: str = "train"):
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, label: str = "train", console=None):
+        """console: the Tracker's, so each step's metrics line prints above the bar."""
         self.bar = None
         if enabled:
             self.bar = RichProgress(
                 TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False, console=console,
             )
             self.task = self.bar.add_task(label, total=total, completed=start, info="")
             self.bar.start()
@@ -20,7 +21,8 @@ class Progress:
         if self.bar is None:
             return
         m = metrics or {}
-        info = " ".join(f"{k.split('/')[-1]}={m[k]:.3g}" for k in ("score/mean", "train/loss", "timing/step_s") if k in m)
+        names = {"score/mean": "reward", "train/loss": "loss", "timing/step_s": "s/step"}
+        info = " ".join(f"{name}={m[k]:.3g}" for k, name in names.items() if isinstance(m.get(k), (int, float)))
         self.bar.update(self.task, advance=1, info=info)
 
     def close(self) -> None:

@@ -49,7 +49,7 @@ def run_rl(cfg) -> dict:
         tracker.log(start, w.actor.sync_weights()[0])  # rollout starts from the actor's weights
         if cfg.trainer.val_before_train and w.val_data is not None and start == 0:
             tracker.log(0, validate(cfg, w))
-        progress = Progress(cfg.trainer.total_steps, start, enabled=cfg.logging.progress_bar)
+        progress = Progress(cfg.trainer.total_steps, start, enabled=cfg.logging.progress_bar, console=tracker.console)
         guard = NonFiniteGuard(cfg)
         for step in range(start + 1, cfg.trainer.total_steps + 1):
             timer = Timer()

@@ -11,6 +11,7 @@ import torch
 from verlcli.algorithms import dynamic_sampling_filter, get_kl_controller
 from verlcli.config.arithmetic import placement_plan
 from verlcli.data.batch import Batch
+from verlcli.distributed.logs import LOG_DIR_ENV
 from verlcli.io import write_json_atomic
 
 def worker_env(cfg, device: str) -> dict:
@@ -23,10 +24,12 @@ def worker_env(cfg, device: str) -> dict:
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     if device == "cpu":
         env["OMP_NUM_THREADS"] = str(max(int(cfg.resources.cpus_per_worker), 1))
+    if not cfg.logging.verbose:  # workers' output to RUN_DIR/logs/ (verlcli.distributed.logs)
+        env[LOG_DIR_ENV] = str((Path(cfg.run_dir) / "logs").resolve())
     return env
 
 
-def ensure_ray(launcher: str, env: dict) -> bool:
+def ensure_ray(launcher: str, env: dict, verbose: bool = False) -> bool:
     """Start (or join) Ray for launcher=ray. True when this call started it (so teardown stops it)."""
     if launcher != "ray":
         return False
@@ -35,7 +38,7 @@ def ensure_ray(launcher: str, env: dict) -> bool:
     from verlcli.distributed import ray_init
 
     started = not ray.is_initialized()
-    ray_init(env=env)
+    ray_init(env=env, log_to_driver=verbose)
     return started
 
 
@@ -137,7 +140,7 @@ def build(cfg, device: str, run: Path, checked) -> RunState:
         val = list(checked.val)
         val = val[: d.val_prompts] if d.val_prompts else val
     env = worker_env(cfg, device)
-    started_ray = ensure_ray(cfg.launcher, env)
+    started_ray = ensure_ray(cfg.launcher, env, cfg.logging.verbose)
     roles = ["actor", "rollout"] + (["ref"] if cfg.use_reference else [])
     separate = cfg.use_critic and cfg.critic.placement == "separate"
     if cfg.use_critic and not separate:
@@ -153,11 +156,13 @@ def build(cfg, device: str, run: Path, checked) -> RunState:
     actor = make_worker_group(cfg.launcher, HybridWorker, name="actor", init_kwargs={**setup_kw, "roles": roles},
                               placement_group=pool, **kw)
     actor.replica_size = cfg.rollout.tensor_parallel_size  # generate: one prompt chunk per TP engine
+    actor.use_worker_dp_layout()  # dp calls: one chunk per training data-parallel slice
     groups = [actor]
     critic = actor if cfg.use_critic and not separate else None
     if separate:
         critic = make_worker_group(cfg.launcher, HybridWorker, name="critic", placement_group="separate",
                                    init_kwargs={**setup_kw, "roles": ["critic"]}, **kw)
+        critic.use_worker_dp_layout()
         groups.append(critic)
     reward_model = None
     if cfg.reward.model.path:

@@ -53,7 +53,7 @@ def run_sft(cfg) -> dict:
             return last
         if cfg.trainer.val_before_train and state.val is not None and start == 0:
             tracker.log(0, state.validate())
-        progress = Progress(total, start, enabled=cfg.logging.progress_bar, label="sft")
+        progress = Progress(total, start, enabled=cfg.logging.progress_bar, label="sft", console=tracker.console)
         for step in range(start + 1, total + 1):
             last = _step(cfg, state, run, step, plan["data_parallel_size"])
             tracker.log(step, last)
@@ -155,13 +155,14 @@ def _build(cfg, device: str, checked) -> SFTRun:
     # The loader cycles epochs with a seeded order; its (epoch, position) goes into checkpoints.
     loader = PromptLoader(train, s.batch_sequences, seed=cfg.trainer.seed, shuffle=d.shuffle)
     env = worker_env(cfg, device)
-    started_ray = ensure_ray(cfg.launcher, env)
+    started_ray = ensure_ray(cfg.launcher, env, cfg.logging.verbose)
     resources = {**cfg.resources.model_dump(), "device": device}
     group = None
     try:
         group = make_worker_group(cfg.launcher, SFTWorker, name="sft", world_size=cfg.world_size,
                                   resources=resources, env=env, timeout_s=cfg.trainer.call_timeout_s)
         params = group.setup(cfg=cfg.model_dump(mode="json"), total_steps=cfg.trainer.total_steps)[0]
+        group.use_worker_dp_layout()  # tensor-parallel ranks share one data-parallel slice
     except BaseException:
         if group is not None:
             group.shutdown()
