@@ -14,7 +14,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 OOM_FIX = (
     "lower actor.micro_batch_sequences_per_device / critic.micro_batch_sequences_per_device, "
     "set actor.offload_params=true actor.offload_optimizer=true, or use fewer workers per node "
-    "(resources.devices_per_node)"
+    "(resources.devices_per_node); `verl plan` shows the memory a config needs"
 )
 
 
@@ -110,7 +110,7 @@ def worker_died(group: str, method: str, rank: int, err, where: dict | None = No
     base = from_actor_died(group, method, rank, err)
     where = where or {}
     text = _ANSI.sub("", str(err))
-    sig = exit_signal(text)
+    sig = exit_signal(text, log_tail or "")
     oom = kernel_oom_record(where.get("pid"))
     now = oom_kill_count()
     oom_grew = oom_before is not None and now is not None and now > oom_before
@@ -120,12 +120,11 @@ def worker_died(group: str, method: str, rank: int, err, where: dict | None = No
     if oom or oom_grew:
         lines.append("  the kernel OOM killer ended it (out of host memory)" + (f": {oom}" if oom else
                      f" (this machine's oom_kill count went {oom_before} → {now})"))
-        fix = OOM_FIX + "; `verl plan` shows the memory a config needs"
+        fix = OOM_FIX
     else:
         lines.append("  " + base.cause.split("\n")[0])
         if "SIGKILL" in sig and "memory monitor" not in base.cause:
-            fix = ("if nobody killed it, memory is the usual cause: " + OOM_FIX +
-                   "; `verl plan` shows the memory a config needs")
+            fix = "if nobody killed it, memory is the usual cause: " + OOM_FIX
     if log_tail:
         lines.append("  last lines of its log:\n" + _indent(log_tail))
     return WorkerError(group, method, rank, "\n".join(lines), fix)
@@ -134,22 +133,28 @@ def worker_died(group: str, method: str, rank: int, err, where: dict | None = No
 _SIGNALS = {"SIGKILL": 9, "SIGSEGV": 11, "SIGABRT": 6, "SIGBUS": 7, "SIGTERM": 15, "SIGILL": 4}
 
 
-def exit_signal(text: str) -> str:
-    """The exit signal or code Ray's death note gives, e.g. 'SIGKILL (signal 9)'."""
-    m = re.search(r"\b(SIG[A-Z]+)\b", text)
-    if m and m.group(1) in _SIGNALS:
-        # Ray names SIGKILL in its generic list of causes: only trust it outside that list.
-        generic = "potential root causes" in text and not re.search(r"(killed|terminated) by (signal )?SIG", text)
-        if not generic:
-            return f"{m.group(1)} (signal {_SIGNALS[m.group(1)]})"
-    m = re.search(r"exit(?:ed with)? code[: ]+(-?\d+)", text, flags=re.I)
+def exit_signal(text: str, log_tail: str = "") -> str:
+    """How the process ended. Ray does not say (its raylet reaps the worker and logs no
+    status), so: a crash report in the worker's own log (faulthandler is on in every
+    worker), else an exit code/signal in Ray's note, else SIGKILL — the only way a Python
+    process ends with neither a traceback nor a crash report (kill -9, the OOM killer)."""
+    m = re.search(r"Fatal Python error: (Segmentation fault|Aborted|Bus error|Illegal instruction)", log_tail)
     if m:
+        name = {"Segmentation fault": "SIGSEGV", "Aborted": "SIGABRT", "Bus error": "SIGBUS",
+                "Illegal instruction": "SIGILL"}[m.group(1)]
+        return f"{name} (signal {_SIGNALS[name]}: {m.group(1).lower()}, see the log below)"
+    m = re.search(r"(?:killed by|terminated by|received) (?:signal )?(SIG[A-Z]+)", text)
+    if m and m.group(1) in _SIGNALS:
+        return f"{m.group(1)} (signal {_SIGNALS[m.group(1)]})"
+    m = re.search(r"exit(?:ed with)? code[: ]+(-?\d+)", text, flags=re.I)
+    if m and "connection error code" not in m.group(0):
         code = int(m.group(1))
         for name, num in _SIGNALS.items():
             if code in (-num, 128 + num):
                 return f"{name} (exit code {code})"
         return f"exit code {code}"
-    return "no exit status (the process vanished: SIGKILL, the OOM killer, or a native crash)"
+    return ("SIGKILL (signal 9: it ended with no Python traceback and no crash report — "
+            "`kill -9` or the kernel OOM killer)")
 
 
 def _death_detail(text: str) -> str:

@@ -12,6 +12,7 @@ second `destroy_process_group()` would fail or hang. Subclasses release their ow
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 from datetime import timedelta
@@ -67,6 +68,9 @@ class Worker:
         local_rank: int | None = None,
         **kwargs,
     ):
+        # A native crash (segfault, abort) then leaves a report in the worker's log, which
+        # the death report quotes; without it such a death looks like a kill -9.
+        faulthandler.enable()
         if device not in ("cpu", "cuda"):
             raise ValueError(f"Worker(device={device!r}): must be 'cpu' or 'cuda'")
         self.rank = rank
@@ -84,6 +88,11 @@ class Worker:
 
     def shutdown(self) -> None:
         """Release what setup() made (an in-process rollout engine last). Default: nothing."""
+
+    def dp_coords(self) -> tuple[int, int]:
+        """(data-parallel rank, size) of this worker: which `dp` chunk it gets. Roles whose
+        engine shares a chunk over several ranks (tensor parallel) override this."""
+        return self.rank, self.world_size
 
     @register(dispatch="rank0")
     def memory(self) -> dict:
