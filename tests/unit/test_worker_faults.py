@@ -77,3 +77,15 @@ def test_death_report_from_rays_note_and_the_workers_log():
     crashed = worker_died("actor", "generate", 0, RuntimeError(RAY_NOTE), where,
                           "Fatal Python error: Segmentation fault\n  File vllm/worker.py, line 10")
     assert "exit: SIGSEGV (signal 11: segmentation fault" in str(crashed)
+
+
+def test_collective_timeout_fails_the_waiting_rank_and_names_the_hung_one(ray_up):
+    """trainer.collective_timeout_s reaches init_process_group (VERL_DIST_TIMEOUT_S)."""
+    group = RayWorkerGroup(ToyWorker, 2, CPU, {}, name="actor", placement_group="separate",
+                           env={"VERL_DIST_TIMEOUT_S": "3"})
+    try:
+        with pytest.raises(WorkerError) as info:
+            group.sleep_then_reduce(1, 30.0)  # rank 0's all_reduce gives up after 3 s
+    finally:
+        group.shutdown()
+    assert info.value.rank == 0 and "ranks [1] had not answered yet" in str(info.value)

@@ -253,7 +253,15 @@ class RayWorkerGroup(WorkerGroup):
                 raise hang_error(self.name, method, timeout, sorted(pending.values()), done)
             for ref in ready:
                 rank = pending.pop(ref)
-                results[rank] = self._get(ref, rank, method)
+                try:
+                    results[rank] = self._get(ref, rank, method)
+                except WorkerError as e:
+                    self._broken = True  # peers may be stuck in a collective with this rank
+                    others = sorted(pending.values())
+                    if others:  # a hung rank makes its peers' collectives time out: name it too
+                        e.cause += (f"\n  ranks {others} had not answered yet: if the error above is a "
+                                    "collective timeout, look at those ranks first")
+                    raise
         return results
 
     def _get(self, ref, rank: int, method: str):
