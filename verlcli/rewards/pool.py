@@ -253,6 +253,8 @@ class RewardScorer:
             if msg is None:
                 raise UserError(f"the reward worker for {self.fn_spec} did not start within {_STARTUP_TIMEOUT_S:g} s",
                                 fix="check that the reward file imports quickly (no work at import time)")
+            if "MemoryError" in msg[1]:  # RLIMIT_AS counts virtual memory: CUDA libraries reserve a lot
+                raise UserError(msg[1], fix="raise reward.memory_gb (an address-space limit), or 0 for none")
             raise UserError(msg[1], fix=msg[2] or f"run `python {self.fn_spec.rpartition(':')[0] or self.fn_spec}` to see the error")
         w.state = "idle"
         self._workers.append(w)
