@@ -13,7 +13,9 @@ Layout of a checkpoint directory (e.g. `runs/x/checkpoints/step_200/`):
     meta.json        kind, model class, LoRA settings, world size, base path, dtypes
 
 Atomic: every rank writes into `DIR.tmp`; after a barrier rank 0 renames it to `DIR`, so a
-crash never leaves a `DIR` that looks complete. All ranks must see one shared filesystem.
+crash never leaves a `DIR` that looks complete. The trainer gives engines a `DIR` inside
+`checkpoints/step_N.tmp/` and publishes the step (manifest with sizes + sha256, then rename)
+itself (trainer/run_dir.py): engines only ever write into the directory they are given. All ranks must see one shared filesystem.
 DCP reshards on load, so a checkpoint saved at one world size loads at any other (the RNG
 of a rank with no file of its own is left as it is).
 
