@@ -361,7 +361,7 @@ class LocalWorkerGroup(WorkerGroup):
         for key, value in (env or {}).items():  # what a Ray worker would get, unless set here
             os.environ.setdefault(key, str(value))
         # This process's stdout is the console: route vLLM's logger and warnings to a file instead.
-        route_library_logs(log_path(name, "local"))
+        route_library_logs(log_path(name, "local", env or {}))
         had_world = dist.is_initialized()
         try:
             self.worker = worker_cls(rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),

@@ -20,9 +20,10 @@ LOG_DIR_ENV = "VERL_LOG_DIR"
 GROUP_ENV = "VERL_WORKER_GROUP"
 
 
-def log_path(group: str, rank: int | str) -> Path | None:
-    """This worker's log file, or None when output should stay where it is (--verbose)."""
-    log_dir = os.environ.get(LOG_DIR_ENV)
+def log_path(group: str, rank: int | str, env: dict | None = None) -> Path | None:
+    """This worker's log file, or None when output should stay where it is (--verbose).
+    env: where to look for VERL_LOG_DIR (default: this process's environment)."""
+    log_dir = (os.environ if env is None else env).get(LOG_DIR_ENV)
     if not log_dir:
         return None
     return Path(log_dir) / (f"{group}_rank{rank}.log" if isinstance(rank, int) else f"{group}_{rank}.log")
@@ -59,6 +60,8 @@ def route_library_logs(path: Path | None) -> None:
         logger = logging.getLogger(name)
         for old in list(logger.handlers):
             logger.removeHandler(old)
+            if isinstance(old, logging.FileHandler):  # an earlier run's file, in this process
+                old.close()
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
