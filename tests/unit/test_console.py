@@ -89,3 +89,12 @@ def test_in_process_workers_route_the_vllm_logger_to_a_file(tmp_path, monkeypatc
         for h in list(pw.handlers):
             pw.removeHandler(h)
         pw.propagate = True
+
+
+def test_verbose_flag_sets_logging_verbose():
+    from verlcli.commands.train import resolve
+
+    assert resolve("grpo", "tiny-cpu", None, ["logging.verbose=true"]).logging.verbose is True
+    r = subprocess.run([sys.executable, "-m", "verlcli.cli", "grpo", "--help"], capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert "--verbose" in r.stdout and "RUN_DIR/logs" in r.stdout
