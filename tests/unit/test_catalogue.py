@@ -116,7 +116,8 @@ def model_copy(work: Path, model_dir: Path, name="model") -> Path:
     return dst
 
 
-def fake_checkpoint(run: Path, model_dir: Path, step=1, *, kind=None, world_size=2, hidden=None, critic=False):
+def fake_checkpoint(run: Path, model_dir: Path, step=1, *, kind=None, world_size=2, hidden=None, critic=False,
+                    strategy=None):
     """What a checkpoint looks like to preflight: trainer.json, actor/meta.json, actor/hf/config.json."""
     def write(d: Path) -> None:
         (d / "actor" / "hf").mkdir(parents=True)
@@ -124,7 +125,8 @@ def fake_checkpoint(run: Path, model_dir: Path, step=1, *, kind=None, world_size
         if hidden:
             config["hidden_size"] = hidden
         (d / "actor" / "hf" / "config.json").write_text(json.dumps(config))
-        (d / "actor" / "meta.json").write_text(json.dumps({"world_size": world_size, "base_model_path": "elsewhere"}))
+        meta = {"world_size": world_size, "base_model_path": "elsewhere", **({"strategy": strategy} if strategy else {})}
+        (d / "actor" / "meta.json").write_text(json.dumps(meta))
         if critic:
             (d / "critic").mkdir()
         (d / "trainer.json").write_text(json.dumps({"step": step, **({"kind": kind} if kind else {})}))
@@ -397,6 +399,18 @@ def test_checkpoint_from_another_model(capsys, work, model_dir):
 def test_checkpoint_from_another_world_size(capsys, work, model_dir):
     fake_checkpoint(work / "runs" / "tiny-cpu", model_dir, world_size=1)
     expect_error(capsys, work, ["grpo", *TINY, "--dry-run"], "saved by 1 workers", "this run has 2", "trainer.resume=")
+
+
+def test_checkpoint_of_another_training_engine(capsys, work, model_dir):
+    fake_checkpoint(work / "runs" / "tiny-cpu", model_dir, strategy="deepspeed")
+    expect_error(capsys, work, ["grpo", *TINY, "--dry-run"], "actor.strategy=deepspeed", "this run has fsdp",
+                 "set actor.strategy=deepspeed")
+
+
+def test_zero_checkpoint_from_another_world_size(capsys, work, model_dir):
+    fake_checkpoint(work / "runs" / "tiny-cpu", model_dir, strategy="deepspeed", world_size=1)
+    expect_error(capsys, work, ["grpo", *TINY, "--dry-run", "actor.strategy=deepspeed"], "ZeRO checkpoint of 1 workers",
+                 "run with 1 workers")
 
 
 def test_sft_checkpoint_resumed_by_grpo(capsys, work, model_dir):

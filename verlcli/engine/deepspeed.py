@@ -365,18 +365,20 @@ class DeepSpeedEngine(TrainEngine):
 
     # ------------------------------------------------------------------ memory
 
+    def _moves_states(self) -> bool:
+        # DeepSpeed's offload_states: GPU only, a training engine, and not with parameters
+        # already offloaded by ZeRO-Offload (it asserts both).
+        return (self.device.type == "cuda" and self.optimizer is not None and not self.offload_params
+                and hasattr(self.engine.optimizer, "offload_states"))
+
     def offload_to_cpu(self) -> None:
         """Free the GPU for rollout (DeepSpeed's offload_states). No-op on CPU."""
-        if self.device.type != "cuda" or self.engine is None:
-            return
-        if hasattr(self.engine, "offload_states"):
+        if self._moves_states():
             self.engine.offload_states()
-        torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
 
     def load_to_device(self) -> None:
-        if self.device.type != "cuda" or self.engine is None:
-            return
-        if hasattr(self.engine, "reload_states"):
+        if self._moves_states():
             self.engine.reload_states()
 
     # ------------------------------------------------------------------ checkpoints

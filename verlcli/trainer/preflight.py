@@ -86,7 +86,8 @@ def check_megatron(cfg, kind: str, out: Checked) -> None:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world = 1 if cfg.launcher == "local" else cfg.world_size
-    hf = AutoConfig.from_pretrained(out.model_path) if out.model_path is not None else None
+    hf = (AutoConfig.from_pretrained(out.model_path, trust_remote_code=cfg.model.trust_remote_code)
+          if out.model_path is not None else None)
     for role in roles:
         check_parallel_sizes(role.tensor_parallel_size, role.pipeline_parallel_size, world, device, hf)
     out.lines.append(f"megatron: tensor_parallel_size {roles[0].tensor_parallel_size} on {world} ranks")
@@ -250,6 +251,7 @@ def check_resume(cfg, kind: str, run: Path, out: Checked) -> None:
         )
     meta = _read_meta(ckpt / "actor")
     _check_model_matches(ckpt, meta, out)
+    _check_strategy_matches(cfg, kind, ckpt, meta)
     if kind == "rl" and cfg.use_critic and not (ckpt / "critic").is_dir():
         raise UserError(f"checkpoint {ckpt} has no critic (it was written by a run without one, "
                         f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} needs one)",
@@ -266,6 +268,22 @@ def check_resume(cfg, kind: str, run: Path, out: Checked) -> None:
         out.warnings.append(f"resuming {ckpt} (saved by {saved} workers) on {cfg.world_size}: resharded, "
                             "per-rank random streams start fresh")
     out.lines.append(f"resume: from {ckpt} (step {extra.get('step')})")
+
+
+def _check_strategy_matches(cfg, kind: str, ckpt: Path, meta: dict) -> None:
+    """A checkpoint resumes with the engine that wrote it; a ZeRO one also at its world size
+    (its partitions are per rank)."""
+    key = "sft" if kind == "sft" else "actor"
+    want, have = getattr(getattr(cfg, key), "strategy", "fsdp"), meta.get("strategy", "fsdp")
+    if want != have:
+        raise UserError(f"checkpoint {ckpt} was trained with {key}.strategy={have}, this run has {want}",
+                        fix=f"set {key}.strategy={have} to resume it, or use a new trainer.name (to start from "
+                            f"its weights: `verl merge-checkpoint {ckpt}` and model.path)")
+    saved = meta.get("world_size")
+    if have == "deepspeed" and saved is not None and saved != cfg.world_size:
+        raise UserError(f"checkpoint {ckpt} is a DeepSpeed ZeRO checkpoint of {saved} workers; this run has "
+                        f"{cfg.world_size}", fix=f"run with {saved} workers (resources.nodes × "
+                        "resources.devices_per_node), or merge it and start a new run from the merged model")
 
 
 def _read_meta(role_dir: Path) -> dict:
