@@ -140,8 +140,13 @@ def make_engine(role, model_path: str | Path, **kwargs) -> TrainEngine:
     `role` is an `ActorConfig`/`CriticConfig`/`SFTConfig`-like object with a `strategy`
     field; the backend reads its own options from it. `kwargs` are the backend-neutral
     arguments (kind, optim, total_optimizer_steps, device, compute_dtype,
-    gradient_checkpointing, lora, offload_params, offload_optimizer, seed)."""
+    gradient_checkpointing, lora, offload_params, offload_optimizer, seed,
+    trust_remote_code)."""
     strategy = getattr(role, "strategy", "fsdp")
+    if not kwargs.get("trust_remote_code", True):
+        # model.trust_remote_code is passed on only when set, so a backend that does not take
+        # the argument yet fails (loudly) only in runs that need it.
+        del kwargs["trust_remote_code"]
     if strategy == "fsdp":
         from verlcli.engine.fsdp import FSDPEngine
 

@@ -98,24 +98,26 @@ def _device_for(device: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _hf_config(model_path: Path, kind: Kind):
+def _hf_config(model_path: Path, kind: Kind, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_path)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if kind == "value":
         config.num_labels = 1
         config.classifier_dropout = 0.0  # values must not be stochastic
     return config
 
 
-def _hf_model(model_path: Path, kind: Kind, config, on_meta: bool) -> nn.Module:
+def _hf_model(model_path: Path, kind: Kind, config, on_meta: bool,
+              trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForTokenClassification
     if on_meta:  # shapes only; rank 0 broadcasts the values after sharding
         with torch.device("meta"):
-            return cls.from_config(config, dtype=torch.float32)
-    model = cls.from_pretrained(model_path, config=config, dtype=torch.float32)
+            return cls.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = cls.from_pretrained(model_path, config=config, dtype=torch.float32,
+                                trust_remote_code=trust_remote_code)
     if kind == "value":
         head = value_head(model)
         with torch.no_grad():  # new head: start from V = 0 (bias included)
@@ -172,7 +174,8 @@ class FSDPEngine(TrainEngine):
                  optim: OptimConfig | None = None, total_optimizer_steps: int = 1,
                  device: str = "cpu", compute_dtype: str = "auto",
                  gradient_checkpointing: bool = False, lora: LoraConfig | None = None,
-                 offload_params: bool = False, offload_optimizer: bool = False, seed: int = 1):
+                 offload_params: bool = False, offload_optimizer: bool = False, seed: int = 1,
+                 trust_remote_code: bool = False):
         if not dist.is_initialized():
             raise RuntimeError("FSDPEngine needs torch.distributed initialized (a 1-rank "
                                "group is fine): call dist.init_process_group first")
@@ -193,9 +196,9 @@ class FSDPEngine(TrainEngine):
         self.offload_optimizer = offload_optimizer and on_gpu and not self.offload_params
 
         torch.manual_seed(seed)  # LoRA A init must agree on every rank
-        self.hf_config = _hf_config(self.model_path, kind)
+        self.hf_config = _hf_config(self.model_path, kind, trust_remote_code)
         on_meta = self.world_size > 1 and self.rank != 0
-        hf_model = _hf_model(self.model_path, kind, self.hf_config, on_meta)
+        hf_model = _hf_model(self.model_path, kind, self.hf_config, on_meta, trust_remote_code)
         self.tied_aliases = _tied_aliases(hf_model)
         self.model_class = type(hf_model).__name__  # before fully_shard renames it FSDP…
         if gradient_checkpointing:

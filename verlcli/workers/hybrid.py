@@ -30,10 +30,11 @@ class HybridWorker(Worker):
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.roles = set(roles)
         path = str(resolve_model(cfg.model.path))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         common = dict(device=self.device_type, compute_dtype=cfg.resources.compute_dtype,
-                      gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.trainer.seed)
+                      gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.trainer.seed,
+                      trust_remote_code=cfg.model.trust_remote_code)
         def optimizer_steps(pc):  # over the whole run, for the lr schedule
             return total_steps * (cfg.data.train_prompts_per_step // pc.mini_batch_prompts) * pc.epochs
 
@@ -59,7 +60,20 @@ class HybridWorker(Worker):
                                      offload_optimizer=cfg.critic.offload_optimizer, **common)
         if "rollout" in roles:
             self._make_rollout(path)
+        self.dp_coords()  # engines that disagree on the batch split fail here, at set-up
         return True
+
+    def dp_coords(self) -> tuple[int, int]:
+        """(dp_rank, dp_size) of this process's training engines: every `dp` call's chunk."""
+        from verlcli.errors import UserError
+
+        coords = {(e.dp_rank, e.dp_size) for e in (self.actor, self.ref, self.critic) if e is not None}
+        if len(coords) > 1:
+            raise UserError("the actor and the colocated critic split the batch differently "
+                            f"(data-parallel rank/size {sorted(coords)})",
+                            fix="give both the same strategy and tensor_parallel_size, or set "
+                                "critic.placement=separate")
+        return coords.pop() if coords else (self.rank, self.world_size)
 
     # ------------------------------------------------------------------ rollout
     def _make_rollout(self, path: str):

@@ -24,13 +24,15 @@ class RewardModelWorker(Worker):
         self.cfg = Config.model_validate(cfg)
         policy_path = resolve_model(self.cfg.model.path)
         rm_path = resolve_model(self.cfg.reward.model.path)
-        self.policy_tok = AutoTokenizer.from_pretrained(str(policy_path))
-        self.tok = AutoTokenizer.from_pretrained(str(rm_path))
+        trust = self.cfg.model.trust_remote_code
+        self.policy_tok = AutoTokenizer.from_pretrained(str(policy_path), trust_remote_code=trust)
+        self.tok = AutoTokenizer.from_pretrained(str(rm_path), trust_remote_code=trust)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "right"
         dtype = torch.bfloat16 if self.device_type == "cuda" else torch.float32
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(rm_path), num_labels=1, dtype=dtype)
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(rm_path), num_labels=1, dtype=dtype,
+                                                                        trust_remote_code=trust)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
         self.model.to(self.device).eval()

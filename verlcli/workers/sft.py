@@ -56,16 +56,22 @@ class SFTWorker(Worker):
 
         self.cfg = cfg = Config.model_validate(cfg)
         path = str(resolve_model(cfg.model.path))
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.engine = make_engine(
             cfg.sft, path, kind="causal_lm", optim=cfg.sft.optim, total_optimizer_steps=total_steps,
             device=self.device_type, compute_dtype=cfg.resources.compute_dtype,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             lora=cfg.model.lora if cfg.model.lora.rank else None, seed=cfg.trainer.seed,
+            trust_remote_code=cfg.model.trust_remote_code,
         )
         trainable, total = self.engine.num_parameters()
         return {"trainable_params": trainable, "total_params": total}
+
+    def dp_coords(self) -> tuple[int, int]:
+        """(dp_rank, dp_size): tensor-parallel ranks of one engine share a batch slice."""
+        engine = getattr(self, "engine", None)
+        return (engine.dp_rank, engine.dp_size) if engine is not None else (self.rank, self.world_size)
 
     def _micro_batches(self, samples: list[dict], size: int) -> list[dict]:
         s = self.cfg.sft
