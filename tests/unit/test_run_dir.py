@@ -156,3 +156,30 @@ def test_merge_checkpoint_refuses_a_checkpoint_that_does_not_match_its_manifest(
     text = " ".join((r.stdout + r.stderr).split())
     assert "does not match" in text and "actor/model/__0_0.distcp has a different sha256" in text
     assert not out.exists()
+
+
+def test_disk_full_is_found_even_when_the_writer_hides_the_errno(tmp_path):
+    """torch's zip writer turns EFBIG into 'unexpected pos': the save probes the disk itself."""
+    run = _run(tmp_path)
+    rd.save_step(run, 1, _writer(1, 300_000), keep=1)
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from pathlib import Path
+        from verlcli.trainer import run_dir as rd
+        from verlcli.errors import UserError
+        def write(d):
+            try:
+                (d / "w.bin").write_bytes(b"x" * 300_000)
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            rd.save_step(Path({str(run)!r}), 2, write, keep=1)
+        except UserError as e:
+            print(e); sys.exit(2)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "out of disk space (file too large)" in r.stdout and "step_1 is intact" in r.stdout
+    assert not list((run / "checkpoints").glob(".verl-disk-probe-*"))

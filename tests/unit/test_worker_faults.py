@@ -49,7 +49,8 @@ def test_kill_9_of_a_worker_names_role_rank_node_signal_and_log(ray_up):
 
 
 def test_a_rank_that_never_answers_is_named(ray_up):
-    group = RayWorkerGroup(ToyWorker, 2, CPU, {}, name="critic", placement_group="separate", timeout_s=3.0)
+    group = RayWorkerGroup(ToyWorker, 2, CPU, {}, name="critic", placement_group="separate")
+    group.timeout_s = 3.0  # after start-up: starting worker processes takes longer than that here
     try:
         with pytest.raises(WorkerError, match=r"no answer within 3 s from ranks \[1\] \(ranks \[0\] finished\)") as info:
             group.sleep_on(1, 60.0)

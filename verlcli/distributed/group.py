@@ -314,7 +314,9 @@ def _log_tail(where: dict | None, n: int = 12) -> str | None:
         try:
             with open(path, "rb") as f:
                 f.seek(max(0, os.path.getsize(path) - 16384))
-                text = last_lines(f.read().decode("utf-8", "replace"), n)
+                raw = f.read().decode("utf-8", "replace").splitlines()
+                # Ray's own header lines (:job_id:, :actor_name:, :task_name:) say nothing.
+                text = last_lines("\n".join(ln for ln in raw if not ln.startswith(":")), n)
         except OSError:
             tails.append(f"(log {path} is on node {where.get('host')}, not readable here)")
             continue

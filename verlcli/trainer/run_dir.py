@@ -107,7 +107,9 @@ def save_step(run: Path, step: int, write: Callable[[Path], None], keep: int) ->
     except BaseException as e:
         written = _du(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = _disk_full_reason(e)
+        # Writers do not always pass the errno on (torch's zip writer turns EFBIG into
+        # "unexpected pos"), so a failed save also asks the filesystem directly.
+        reason = _disk_full_reason(e) or _probe_disk(final.parent, _largest_file(run))
         if reason:
             raise _disk_full_error(run, final, written, reason) from e
         raise
@@ -162,6 +164,32 @@ def _disk_full_reason(e: BaseException) -> str | None:
             if t in text:
                 return t
         e = e.__cause__ or e.__context__
+    return None
+
+
+def _largest_file(run: Path) -> int:
+    """The largest file of the newest checkpoint (what a save must be able to write), or 64 MB."""
+    prev = checkpoints(run)
+    manifest = read_manifest(prev[-1][1]) if prev else None
+    sizes = [f["bytes"] for f in (manifest or {}).get("files", {}).values()]
+    return max(sizes) if sizes else 64 << 20
+
+
+def _probe_disk(directory: Path, nbytes: int) -> str | None:
+    """Try to write `nbytes` (at most 256 MB) beside the checkpoints; the disk-full reason if
+    the filesystem refuses, else None. Only runs after a save already failed."""
+    probe = directory / f".verl-disk-probe-{os.getpid()}"
+    block = b"\0" * (1 << 20)
+    try:
+        with open(probe, "wb") as f:
+            for _ in range(max(1, min(nbytes, 256 << 20) // len(block) + 1)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return os.strerror(e.errno).lower() if e.errno in _DISK_FULL else None
+    finally:
+        probe.unlink(missing_ok=True)
     return None
 
 
