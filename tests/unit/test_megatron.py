@@ -126,6 +126,48 @@ def test_pipeline_parallel_is_a_clear_config_error():
         check_parallel_sizes(3, 1, 2, "cpu")
 
 
+def test_preflight_names_bad_megatron_settings(tmp_path):
+    from pathlib import Path
+
+    from verlcli.config.schema import Config
+    from verlcli.errors import UserError
+    from verlcli.trainer.preflight import Checked, check_megatron
+
+    out = Checked(model_path=Path(_llama_path(tmp_path)))  # 4 heads, 2 KV heads
+
+    def check(**over):
+        tree = {"actor": {"strategy": "megatron", "tensor_parallel_size": 2},
+                "resources": {"devices_per_node": 2, "device": "cpu"}}
+        for key, value in over.items():
+            section, name = key.split("__")
+            tree.setdefault(section, {})[name] = value
+        check_megatron(Config.model_validate(tree), "rl", out)
+
+    check()  # TP=2 on 2 ranks: fine
+    with pytest.raises(UserError, match="pipeline_parallel_size=2"):
+        check(actor__pipeline_parallel_size=2)
+    with pytest.raises(UserError, match="attention heads"):
+        check(actor__tensor_parallel_size=4, resources__devices_per_node=4)
+    with pytest.raises(UserError, match="float32"):
+        check(resources__compute_dtype="bfloat16")
+
+
+def test_dp_dispatch_gives_a_tensor_parallel_group_one_slice():
+    from verlcli.data.batch import Batch
+    from verlcli.distributed.dispatch import DispatchSpec, collect_results, dp_group_size, split_call
+
+    assert dp_group_size([(0, 2), (1, 2)]) == 1  # plain data parallel
+    k = dp_group_size([(0, 2), (0, 2), (1, 2), (1, 2)])  # TP=2 × DP=2
+    assert k == 2
+    with pytest.raises(ValueError, match="consecutive"):
+        dp_group_size([(0, 2), (1, 2), (0, 2), (1, 2)])
+    spec = DispatchSpec("dp")
+    per_rank, plan = split_call(spec, 4, (Batch({"x": torch.arange(4)}),), {}, "update", k)
+    assert [a[0]["x"].tolist() for a, _ in per_rank] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    metrics = collect_results(spec, plan, [{"r": r} for r in range(4)], "update")
+    assert metrics == [{"r": 0}, {"r": 2}]  # one answer per slice
+
+
 # ---------------------------------------------------------------- the 2-rank run
 
 

@@ -90,6 +90,9 @@ def check_megatron(cfg, kind: str, out: Checked) -> None:
           if out.model_path is not None else None)
     for role in roles:
         check_parallel_sizes(role.tensor_parallel_size, role.pipeline_parallel_size, world, device, hf)
+    if cfg.resources.compute_dtype == "bfloat16":
+        raise UserError("strategy=megatron computes in float32, but resources.compute_dtype=bfloat16",
+                        fix="set resources.compute_dtype=auto or float32 (or use strategy=fsdp for bf16)")
     out.lines.append(f"megatron: tensor_parallel_size {roles[0].tensor_parallel_size} on {world} ranks")
 
 
