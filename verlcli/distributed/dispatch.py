@@ -8,6 +8,9 @@ turns one driver call into one call per rank:
             results are concatenated in rank order and the padding rows are dropped, so the
             driver gets back exactly one output row per input row, in order. Other results
             (metrics dicts, None, ...) come back as a list, one per rank.
+            When the training engine's data-parallel slices span several ranks (Megatron
+            tensor parallelism: the group's `dp_group_size` consecutive ranks share one
+            slice), those ranks get the same chunk and only the first of them answers.
 - ``replica`` like ``dp``, but over rollout replicas: the group's `replica_size` ranks in a row
             (one tensor-parallel engine) all get the same chunk, and only the first rank of
             each replica answers. With `replica_size` 1 it is ``dp``.
@@ -82,10 +85,10 @@ def registered_methods(cls: type) -> dict[str, DispatchSpec]:
 def split_call(spec: DispatchSpec, world: int, args: tuple, kwargs: dict, method: str,
                replica: int = 1):
     """One (args, kwargs) per rank, plus the plan `collect_results` needs. `replica`: ranks
-    per rollout replica (``replica`` mode only)."""
+    that share one chunk (the group's replica_size in ``replica`` mode, dp_group_size in
+    ``dp`` mode)."""
     if spec.mode not in ("dp", "replica"):
         return [(args, kwargs)] * world, CallPlan(spec.mode, world)
-    replica = replica if spec.mode == "replica" else 1
     if replica < 1 or world % replica:
         raise ValueError(f"{method}(): {world} ranks cannot form replicas of {replica}")
     batch, put_back = _find_batch(args, kwargs, method)
@@ -94,6 +97,18 @@ def split_call(spec: DispatchSpec, world: int, args: tuple, kwargs: dict, method
     chunks = [put_back(chunk) for chunk in padded.split(groups)]
     per_rank = [chunks[r // replica] for r in range(world)]  # a replica's ranks: one chunk
     return per_rank, CallPlan("dp", world, pad, len(padded), replica)
+
+
+def dp_group_size(coords: list, group: str = "workers") -> int:
+    """Ranks per data-parallel slice from every rank's (dp_rank, dp_size), in rank order.
+    Only consecutive blocks are valid (rank r → slice r // k), as megatron orders them."""
+    coords = [tuple(c) for c in coords]
+    world, dp_size = len(coords), coords[0][1]
+    k = world // dp_size if dp_size and world % dp_size == 0 else 0
+    if not k or any(c != (r // k, dp_size) for r, c in enumerate(coords)):
+        raise ValueError(f"group '{group}': workers report data-parallel coordinates {coords}, "
+                         "not consecutive blocks of equal size")
+    return k
 
 
 def _find_batch(args: tuple, kwargs: dict, method: str):
