@@ -60,11 +60,13 @@ def read_manifest(root: str | os.PathLike) -> dict | None:
     return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
 
 
-def check_manifest(root: str | os.PathLike, hashes: bool = False, under: str = "") -> list[str]:
+def check_manifest(root: str | os.PathLike, hashes: bool = False, under: str = "",
+                   allow_extra: bool = False) -> list[str]:
     """Problems with `root` against its manifest (empty list = it matches).
 
     hashes: also compare sha256 (reads every byte). under: only files below this
-    sub-directory (e.g. 'actor' when exporting one role)."""
+    sub-directory (e.g. 'actor' when exporting one role). allow_extra: files the manifest
+    does not list are fine (e.g. a merge-checkpoint export written into the step dir)."""
     root = Path(root)
     manifest = read_manifest(root)
     if manifest is None:
@@ -83,7 +85,7 @@ def check_manifest(root: str | os.PathLike, hashes: bool = False, under: str = "
         elif hashes and _hash_and_sync(p)[1] != want["sha256"]:
             problems.append(f"{rel} has a different sha256 than the manifest says")
     base = root / under if under else root
-    for p in _files(base) if base.is_dir() else []:
+    for p in _files(base) if base.is_dir() and not allow_extra else []:
         rel = p.relative_to(root).as_posix()
         if rel not in listed:
             problems.append(f"{rel} is not in the manifest")

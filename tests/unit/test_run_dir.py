@@ -47,6 +47,9 @@ def test_save_writes_manifest_last_renames_and_keeps_k(tmp_path):
     assert m["total_bytes"] == 1000 + len(json.dumps({"step": 3}))
     assert check_manifest(run / "checkpoints" / "step_3", hashes=True) == []
     assert rd.resume_from(_cfg(run), run).name == "step_3"
+    (run / "checkpoints" / "step_3" / "huggingface").mkdir()  # merge-checkpoint's default output
+    (run / "checkpoints" / "step_3" / "huggingface" / "config.json").write_text("{}")
+    assert rd.resume_from(_cfg(run), run).name == "step_3"
 
 
 def test_half_written_or_damaged_checkpoints_are_never_resumed(tmp_path, capsys):

@@ -68,7 +68,7 @@ def resume_from(cfg, run: Path) -> Path | None:
         return None
     if mode == "auto":
         for _, path in reversed(checkpoints(run)):
-            problems = check_manifest(path)
+            problems = check_manifest(path, allow_extra=True)  # e.g. merge-checkpoint's export inside
             if not problems:
                 return path
             print(f"warning: not resuming from {path}: it does not match its manifest "
@@ -80,7 +80,7 @@ def resume_from(cfg, run: Path) -> Path | None:
             f"trainer.resume={mode} is not a complete checkpoint (no trainer.json)",
             fix="point it at a checkpoints/step_N directory, or use trainer.resume=auto / never",
         )
-    problems = check_manifest(path) if (path / MANIFEST).exists() else []
+    problems = check_manifest(path, allow_extra=True) if (path / MANIFEST).exists() else []
     if problems:
         raise UserError(f"trainer.resume={mode} does not match its manifest: {problems[0]}",
                         fix="the checkpoint is damaged: point trainer.resume at another step_N")
