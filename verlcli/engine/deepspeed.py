@@ -343,7 +343,9 @@ class DeepSpeedEngine(TrainEngine):
     def _bucket(self, named, dtype) -> NamedTensors:
         with self._gathered(named), torch.no_grad():
             sd = {n: p.data.detach().clone() for n, p in named}
-        sd = ckpt.to_hf_state_dict(sd, self.lora_scale, self.tied_aliases)
+        # A bucket without a LoRA layer has nothing to merge (merge_lora insists on one).
+        scale = self.lora_scale if any(".base_layer." in n for n in sd) else None
+        sd = ckpt.to_hf_state_dict(sd, scale, self.tied_aliases)
         return [(k, v.to(dtype) if dtype is not None else v) for k, v in sd.items()]
 
     def weight_buckets(self, bucket_bytes: int,
