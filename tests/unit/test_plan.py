@@ -205,7 +205,7 @@ def test_cli_prints_table_and_verdict_without_torch_in_plan_modules():
 # FSDPEngine updates (forward with entropy, backward, AdamW step) in a fresh process at world
 # size 1 — what a `launcher=local` actor does per micro-batch — and its peak RSS.
 MEASURE = r"""
-import json, resource, sys
+import json, sys
 import torch, torch.distributed as dist
 from verlcli.distributed.worker import free_port
 from verlcli.config.schema import OptimConfig
@@ -221,7 +221,9 @@ for _ in range(2):  # the second update runs with AdamW state resident: the stea
                           with_entropy=True)
     eng.backward(-lp.mean())
     eng.step()
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM, not ru_maxrss: getrusage keeps the peak across exec, i.e. the forked pytest process's.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024}))
 """
 
 
