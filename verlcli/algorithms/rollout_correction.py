@@ -67,7 +67,8 @@ def is_weights(log_ratio, mask, level="token", threshold=2.0, batch_normalize=Fa
     valid = mask.bool()
     if not valid.any():  # nothing to weigh (an all-empty micro-batch)
         return w.detach(), {}
-    clamped = w.clamp(min=1.0 / threshold)
+    clamped = w.clamp(min=1.0 / threshold)  # verl's std and ESS use weights clamped both sides
+    mean_clamped = masked_mean(clamped, mask)
     metrics = {
         "rollout_is_mean": float(masked_mean(w, mask)),
         "rollout_is_max": float(raw[valid].max()),
@@ -75,8 +76,8 @@ def is_weights(log_ratio, mask, level="token", threshold=2.0, batch_normalize=Fa
         # over tokens, or over responses for "sequence" (verl)
         "rollout_is_ratio_fraction_high": _fraction(log_w > math.log(threshold), mask, level),
         "rollout_is_ratio_fraction_low": _fraction(log_w < -math.log(threshold), mask, level),
-        "rollout_is_std": float((masked_mean(clamped ** 2, mask) - masked_mean(clamped, mask) ** 2).clamp(min=0).sqrt()),
-        "rollout_is_eff_sample_size": float(1.0 / masked_mean((clamped / (masked_mean(clamped, mask) + 1e-8)) ** 2, mask)),
+        "rollout_is_std": float((masked_mean(clamped ** 2, mask) - mean_clamped ** 2).clamp(min=0).sqrt()),
+        "rollout_is_eff_sample_size": float(1.0 / masked_mean((clamped / (mean_clamped + 1e-8)) ** 2, mask)),
     }
     if batch_normalize:
         if level == "token":
@@ -158,7 +159,8 @@ def rejection_mask(log_ratio, mask, options: str, threshold):
         metrics[f"rollout_rs_{name}_masked_fraction"] = float(masked_mean((~ok).float(), fmask))
     metrics["rollout_rs_masked_fraction"] = float(masked_mean((~keep).float(), fmask))
     seqs = valid.any(-1)
-    metrics["rollout_rs_seq_masked_fraction"] = float((~keep & valid).any(-1)[seqs].float().mean()) if seqs.any() else 0.0
+    hit = (~keep & valid).any(-1)[seqs].float()
+    metrics["rollout_rs_seq_masked_fraction"] = float(hit.mean()) if seqs.any() else 0.0
     return (fmask * keep).to(mask.dtype), metrics
 
 

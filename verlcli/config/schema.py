@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Section(BaseModel):
@@ -18,16 +18,14 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _one_value_as_list(cls, data):
+    def _one_value_as_list(cls, value, info):
         # verl users write data.train_files=path: one value where a list is expected is a
-        # one-element list, for every list-valued key.
-        if isinstance(data, dict):
-            for name, f in cls.model_fields.items():
-                if get_origin(f.annotation) is list and isinstance(data.get(name), (str, int, float)):
-                    data = {**data, name: [data[name]]}
-        return data
+        # one-element list, for every list-valued key (on load and on assignment).
+        if isinstance(value, (str, int, float)) and get_origin(cls.model_fields[info.field_name].annotation) is list:
+            return [value]
+        return value
 
 
 class LoraConfig(Section):
