@@ -102,3 +102,13 @@ def test_sft_after_prepare_data_reads_the_sft_files(tmp_path, monkeypatch):
     rows = load_sft_dataset(cfg.data.train_files, tiny_tokenizer(), cfg.sft.max_length_tokens,
                             cfg.data.messages_key, cfg.data.prompt_key, cfg.data.response_key)
     assert len(rows) > 100 and any(rows[0]["loss_mask"])
+
+
+def test_verl_knobs_are_keys_with_verls_defaults():
+    cfg = load_config(overrides=["actor.policy_loss=cispo", "actor.clip_ratio_low=10"])  # CISPO: no lower bound
+    from verlcli.workers.losses import policy_loss_config
+
+    pl = policy_loss_config(cfg)
+    assert pl.clip_ratio_low == 10 and pl.ppo_kl_coef == 0.1 and pl.kl_cov_ratio == 0.0002
+    assert (pl.clip_cov_ratio, pl.clip_cov_lb, pl.clip_cov_ub) == (0.0002, 1.0, 5.0)
+    assert (pl.tau_pos, pl.tau_neg) == (1.0, 1.05) and pl.loss_scale_factor == cfg.data.max_response_tokens
