@@ -56,7 +56,6 @@ class Term:
     bytes: float                      # on the device, in `phases`
     phases: tuple[str, ...]
     host: float = 0.0                 # bytes of this term kept in host memory (offload, sleep)
-    note: str = ""
     transient: bool = False           # a working set: roles take turns, so only the largest counts
 
 
@@ -265,15 +264,13 @@ def _engine_terms(ctx: _Ctx, role: str, params: int, trainable: int, offload_par
     res = ctx.resident
     away = ctx.offloads  # GPU: trainer state goes to host while the rollout generates
     (pn, p), (gn, g), (on, o) = state_bytes(strategy, stage, params, trainable, dp, gpu)
-    terms = [Term(role, pn, 0 if off_p else p, () if off_p else res,
-                  host=p if off_p or away else 0, note="offload_params" if off_p else "")]
+    terms = [Term(role, pn, 0 if off_p else p, () if off_p else res, host=p if off_p or away else 0)]
     if train:
         terms.append(Term(role, gn, 0 if off_p else g,
                           () if off_p else ("update", "optimizer step"), host=g if off_p else 0))
         o_phases = () if off_p else ("optimizer step",) if off_o else res
-        terms.append(Term(role, on, 0 if off_p else o, o_phases,
-                          host=o if off_p or off_o or away else 0,
-                          note="offloaded; back for the step" if off_o else ""))
+        terms.append(Term(role, on + (", offloaded" if off_o else ""), 0 if off_p else o,
+                          o_phases, host=o if off_p or off_o or away else 0))
     fwd = ("log-probs", "update") if train else ("log-probs",)
     fwd = tuple(f for f in fwd if f in ctx.phases)
     sharded = strategy != "deepspeed" or stage == 3  # else every rank holds full weights
@@ -330,10 +327,9 @@ def _rollout_terms(ctx: _Ctx, device_mem: float, problems: list[str]) -> tuple[l
         # Asleep during training (weights on host, KV freed); the sync wakes the weights only.
         terms = [Term("rollout", f"vLLM weights (TP={tp})", weights,
                       ("rollout", "weight sync") if ctx.sleeps else every,
-                      host=weights if ctx.sleeps else 0, note="asleep: on host"),
-                 Term("rollout", "vLLM KV cache + reserve", max(kv, 0) + VLLM_GPU_RESERVE,
-                      ("rollout",) if ctx.sleeps else every,
-                      note=f"gpu_memory_utilization={r.gpu_memory_utilization}")]
+                      host=weights if ctx.sleeps else 0),
+                 Term("rollout", f"vLLM KV cache + reserve (util {r.gpu_memory_utilization})",
+                      max(kv, 0) + VLLM_GPU_RESERVE, ("rollout",) if ctx.sleeps else every)]
     else:
         kv = math.ceil(r.cpu_kvcache_gb) * GiB
         terms = [Term("rollout", f"vLLM weights ({'bf16' if eb == 2 else 'fp32'})", weights, every),
