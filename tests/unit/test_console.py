@@ -98,3 +98,20 @@ def test_verbose_flag_sets_logging_verbose():
     r = subprocess.run([sys.executable, "-m", "verlcli.cli", "grpo", "--help"], capture_output=True, text=True,
                        cwd=REPO, timeout=60)
     assert "--verbose" in r.stdout and "RUN_DIR/logs" in r.stdout
+
+
+def test_output_to_is_temporary(tmp_path):
+    """The local launcher's set-up: fds 1/2 to the log inside the block, the console after."""
+    code = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from verlcli.distributed.logs import output_to
+        with output_to(Path({str(tmp_path / 'a_local.log')!r})):
+            print("inside", flush=True)
+            os.write(2, b"inside C\\n")
+        print("after")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "after\n" and r.stderr == ""
+    assert (tmp_path / "a_local.log").read_text() == "inside\ninside C\n"

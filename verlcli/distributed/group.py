@@ -38,7 +38,7 @@ from verlcli.distributed.placement import (
     resource_pool,
     worker_env,
 )
-from verlcli.distributed.logs import GROUP_ENV, log_path, redirect_process_output, route_library_logs
+from verlcli.distributed.logs import GROUP_ENV, log_path, output_to, redirect_process_output, route_library_logs
 from verlcli.distributed.worker import free_port, node_ip
 
 TIMEOUT_ENV = "VERL_WORKER_TIMEOUT_S"
@@ -363,11 +363,13 @@ class LocalWorkerGroup(WorkerGroup):
         for key, value in (env or {}).items():  # what a Ray worker would get, unless set here
             os.environ.setdefault(key, str(value))
         # This process's stdout is the console: route vLLM's logger and warnings to a file instead.
-        route_library_logs(log_path(name, "local", env or {}))
+        self._log = log = log_path(name, "local", env or {})
+        route_library_logs(log)
         had_world = dist.is_initialized()
         try:
-            self.worker = worker_cls(rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
-                                     device=resolve_device(device), local_rank=0, **(init_kwargs or {}))
+            with output_to(log):
+                self.worker = worker_cls(rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
+                                         device=resolve_device(device), local_rank=0, **(init_kwargs or {}))
         except Exception as e:
             if not had_world and dist.is_initialized():
                 dist.destroy_process_group()
@@ -378,7 +380,9 @@ class LocalWorkerGroup(WorkerGroup):
             raise WorkerError(self.name, method, None, "the group was shut down")
         [(args, kwargs)] = per_rank
         try:
-            return [getattr(self.worker, method)(*args, **kwargs)]
+            # A late set-up (SFT's) loads models like the constructor does: its output to the log.
+            with output_to(self._log if method == "setup" else None):
+                return [getattr(self.worker, method)(*args, **kwargs)]
         except Exception as e:  # the original traceback stays attached as __cause__
             raise WorkerError(self.name, method, 0, f"{type(e).__name__}: {e}") from e
 

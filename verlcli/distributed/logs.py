@@ -11,6 +11,7 @@ warnings go to `LOG_DIR/<group>_local.log` instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -42,6 +43,26 @@ def redirect_process_output(path: Path | None) -> None:
         os.dup2(fd, 2)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def output_to(path: Path | None):
+    """Within the block, this process's fds 1 and 2 write to `path` (then back to the console):
+    an in-process worker's set-up (weight-loading bars, torch's C++ warnings) stays off the console."""
+    if path is None:
+        yield
+        return
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        redirect_process_output(path)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 def route_library_logs(path: Path | None) -> None:
