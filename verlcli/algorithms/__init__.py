@@ -1,70 +1,39 @@
 """RL algorithms as pure tensor functions: advantage estimators, policy losses, loss
-aggregation, KL estimators and controllers, value loss, entropy, DAPO helpers.
+aggregation, KL estimators and controllers, value loss, entropy, DAPO helpers, rollout
+correction, PF-PPO.
 
 Selected by name from the config through registries (`ADV_ESTIMATORS`, `POLICY_LOSSES`,
-`KL_ESTIMATORS`); every convention is written in the function's docstring and pinned by
-hand-computed tests in tests/unit/test_algorithms_*.py.
+`KL_ESTIMATORS`, declared in catalog.py); every convention is written in the function's
+docstring and pinned by hand-computed tests in tests/unit/test_algorithms_*.py.
+
+Attributes load lazily (PEP 562): `from verlcli.algorithms import ADV_ESTIMATORS` imports
+only the torch-free catalog, so a config load checks names without importing torch.
 """
 
-from verlcli.algorithms.advantages import ADV_ESTIMATORS, needs_baseline, needs_critic
-from verlcli.algorithms.aggregation import (
-    LOSS_AGG_MODES,
-    agg_loss,
-    count_tokens_and_seqs,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
-)
-from verlcli.algorithms.dapo import dynamic_sampling_filter, overlong_reward_penalty
-from verlcli.algorithms.entropy import (
-    entropy_from_logits,
-    entropy_from_logits_chunked,
-    logprobs_from_logits,
-)
-from verlcli.algorithms.kl import (
-    KL_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
-    apply_kl_penalty,
-    get_kl_controller,
-    kl_penalty,
-)
-from verlcli.algorithms.pf_ppo import PF_PPO_METHODS, pf_ppo_resample
-from verlcli.algorithms.policy_loss import POLICY_LOSSES, PolicyLossConfig
-from verlcli.algorithms.registry import Needs, Registry
-from verlcli.algorithms.rollout_correction import rollout_correction
-from verlcli.algorithms.token_baseline import optimal_token_baseline, tir_optimal_token_baseline
-from verlcli.algorithms.value import value_loss
+from importlib import import_module
 
-__all__ = [
-    "ADV_ESTIMATORS",
-    "KL_ESTIMATORS",
-    "Needs",
-    "LOSS_AGG_MODES",
-    "PF_PPO_METHODS",
-    "POLICY_LOSSES",
-    "AdaptiveKLController",
-    "FixedKLController",
-    "PolicyLossConfig",
-    "Registry",
-    "agg_loss",
-    "apply_kl_penalty",
-    "count_tokens_and_seqs",
-    "dynamic_sampling_filter",
-    "entropy_from_logits",
-    "entropy_from_logits_chunked",
-    "get_kl_controller",
-    "kl_penalty",
-    "logprobs_from_logits",
-    "masked_mean",
-    "masked_sum",
-    "masked_whiten",
-    "needs_baseline",
-    "needs_critic",
-    "optimal_token_baseline",
-    "overlong_reward_penalty",
-    "pf_ppo_resample",
-    "rollout_correction",
-    "tir_optimal_token_baseline",
-    "value_loss",
-]
+_WHERE = {
+    "catalog": ["ADV_ESTIMATORS", "KL_ESTIMATORS", "POLICY_LOSSES"],
+    "registry": ["Needs", "Registry"],
+    "advantages": ["needs_baseline", "needs_critic"],
+    "aggregation": ["LOSS_AGG_MODES", "agg_loss", "count_tokens_and_seqs", "masked_mean", "masked_sum",
+                    "masked_whiten"],
+    "dapo": ["dynamic_sampling_filter", "overlong_reward_penalty"],
+    "entropy": ["entropy_from_logits", "entropy_from_logits_chunked", "logprobs_from_logits"],
+    "kl": ["AdaptiveKLController", "FixedKLController", "apply_kl_penalty", "get_kl_controller", "kl_penalty"],
+    "pf_ppo": ["PF_PPO_METHODS", "pf_ppo_resample"],
+    "policy_loss": ["PolicyLossConfig"],
+    "rollout_correction": ["rollout_correction"],
+    "token_baseline": ["optimal_token_baseline", "tir_optimal_token_baseline"],
+    "value": ["value_loss"],
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'verlcli.algorithms' has no attribute {name!r}")
+    value = getattr(import_module(f"verlcli.algorithms.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value

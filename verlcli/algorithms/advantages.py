@@ -24,11 +24,8 @@ from typing import Sequence
 import torch
 
 from verlcli.algorithms.aggregation import masked_whiten
-from verlcli.algorithms.registry import Needs, Registry
+from verlcli.algorithms.catalog import ADV_ESTIMATORS
 from verlcli.errors import UserError
-
-ADV_ESTIMATORS = Registry("advantage estimator", "algorithm.adv_estimator")
-GROUP = Needs(group=True)
 
 
 def needs_critic(name: str) -> bool:
@@ -90,7 +87,7 @@ def _broadcast(per_response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- estimators
 
 
-@ADV_ESTIMATORS.register("gae", needs=Needs(critic=True))
+@ADV_ESTIMATORS.register("gae")
 def gae(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
         norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """Generalized Advantage Estimation (PPO with a critic).
@@ -124,7 +121,7 @@ def gae(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, 
     return masked_whiten(adv, mask), returns
 
 
-@ADV_ESTIMATORS.register("grpo", needs=GROUP)
+@ADV_ESTIMATORS.register("grpo")
 def grpo(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
          norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """GRPO: A_i = (r_i − mean_g) / (std_g + ε) with the group's unbiased std (n − 1,
@@ -146,7 +143,7 @@ def grpo(token_level_rewards, response_mask, index=None, values=None, gamma=1.0,
     return adv, adv
 
 
-@ADV_ESTIMATORS.register("rloo", needs=GROUP)
+@ADV_ESTIMATORS.register("rloo")
 def rloo(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
          norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """REINFORCE leave-one-out: A_i = r_i − mean of the OTHER responses of the group
@@ -161,7 +158,7 @@ def rloo(token_level_rewards, response_mask, index=None, values=None, gamma=1.0,
     return adv, adv
 
 
-@ADV_ESTIMATORS.register("opo", needs=GROUP)
+@ADV_ESTIMATORS.register("opo")
 def opo(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
         norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """On-Policy RL with Optimal baseline: A_i = r_i − b_g with the length-weighted group
@@ -198,7 +195,7 @@ def reinforce_plus_plus(token_level_rewards, response_mask, index=None, values=N
     return masked_whiten(returns, mask), returns
 
 
-@ADV_ESTIMATORS.register("reinforce_plus_plus_baseline", needs=GROUP)
+@ADV_ESTIMATORS.register("reinforce_plus_plus_baseline")
 def reinforce_plus_plus_baseline(token_level_rewards, response_mask, index=None, values=None,
                                  gamma=1.0, lam=1.0, norm_adv_by_std=True, reward_baselines=None,
                                  epsilon=1e-6, **kwargs):
@@ -215,7 +212,7 @@ def reinforce_plus_plus_baseline(token_level_rewards, response_mask, index=None,
     return adv, adv
 
 
-@ADV_ESTIMATORS.register("remax", needs=Needs(baseline=True))
+@ADV_ESTIMATORS.register("remax")
 def remax(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
           norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """ReMax: returns = undiscounted reward-to-go Σ_{s≥t} r_s (valid tokens), and
@@ -246,7 +243,7 @@ def gpg(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, 
     return adv, adv
 
 
-@ADV_ESTIMATORS.register("grpo_passk", needs=GROUP)
+@ADV_ESTIMATORS.register("grpo_passk")
 def grpo_passk(token_level_rewards, response_mask, index=None, values=None, gamma=1.0, lam=1.0,
                norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """Pass@k-style GRPO: only the best response of each group gets a non-zero
@@ -274,7 +271,7 @@ def grpo_passk(token_level_rewards, response_mask, index=None, values=None, gamm
     return adv, adv
 
 
-@ADV_ESTIMATORS.register("grpo_vectorized", needs=GROUP)
+@ADV_ESTIMATORS.register("grpo_vectorized")
 def grpo_vectorized(token_level_rewards, response_mask, index=None, values=None, gamma=1.0,
                     lam=1.0, norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """verl's `grpo_vectorized`: GRPO with verl's `group_mean_std` statistics, which differ
@@ -300,7 +297,7 @@ def grpo_vectorized(token_level_rewards, response_mask, index=None, values=None,
     return adv, adv
 
 
-@ADV_ESTIMATORS.register("rloo_vectorized", needs=GROUP)
+@ADV_ESTIMATORS.register("rloo_vectorized")
 def rloo_vectorized(token_level_rewards, response_mask, index=None, values=None, gamma=1.0,
                     lam=1.0, norm_adv_by_std=True, reward_baselines=None, epsilon=1e-6, **kwargs):
     """verl's `rloo_vectorized`: A_i = (n·r_i − Σ_g r)/(n − 1) = r_i − mean of the others,

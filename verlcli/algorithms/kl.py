@@ -23,10 +23,8 @@ from __future__ import annotations
 import torch
 
 from verlcli.algorithms.aggregation import masked_mean
-from verlcli.algorithms.registry import Registry
+from verlcli.algorithms.catalog import KL_BASE, KL_ESTIMATORS
 from verlcli.errors import UserError
-
-KL_ESTIMATORS = Registry("KL estimator", "algorithm.kl_penalty")
 
 
 @KL_ESTIMATORS.register("k1", "kl")
@@ -51,7 +49,7 @@ def _k3(logprob, ref_logprob):
 
 
 def _register_straight_through():
-    for name in KL_ESTIMATORS.names():
+    for name in KL_BASE:
         forward = KL_ESTIMATORS.get(name)
 
         def straight_through(logprob, ref_logprob, _forward=forward):

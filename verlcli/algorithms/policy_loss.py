@@ -38,10 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from verlcli.algorithms.aggregation import agg_loss, masked_mean, masked_sum
-from verlcli.algorithms.registry import Registry
+from verlcli.algorithms.catalog import POLICY_LOSSES
 from verlcli.errors import UserError
-
-POLICY_LOSSES = Registry("policy loss", "actor.policy_loss")
 
 LOG_RATIO_CLAMP = 20.0
 

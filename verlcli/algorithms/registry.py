@@ -9,6 +9,7 @@ key, the bad value and the valid choices, not with a `KeyError` deep in a worker
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
@@ -37,30 +38,48 @@ class Registry:
     `what` is a human name for the entries ("advantage estimator"); `config_key` is the
     dotted config key that selects one ("algorithm.adv_estimator"). Both only feed the
     error message.
+
+    A registry with `modules` is declared up front (`declare`: names and what they need,
+    no torch — verlcli.algorithms.catalog) and its functions are bound when those modules
+    are imported, on the first `get`; binding an undeclared name there is an error, so the
+    declarations cannot drift from the code. Without `modules`, `register` alone declares.
     """
 
-    def __init__(self, what: str, config_key: str):
+    def __init__(self, what: str, config_key: str, modules: tuple[str, ...] = ()):
         self.what = what
         self.config_key = config_key
+        self._modules = modules
         self._fns: dict[str, Callable] = {}
         self._needs: dict[str, Needs] = {}
 
-    def register(self, name: str, *aliases: str, needs: Needs = Needs()) -> Callable[[F], F]:
-        """Decorator: register `fn` under `name` and every alias, with what it `needs`."""
+    def declare(self, name: str, *aliases: str, needs: Needs = Needs()) -> None:
+        for key in (name, *aliases):
+            self._needs[key] = needs
+
+    def register(self, name: str, *aliases: str) -> Callable[[F], F]:
+        """Decorator: bind `fn` to `name` and every alias."""
 
         def decorator(fn: F) -> F:
             for key in (name, *aliases):
                 if key in self._fns and self._fns[key] is not fn:
                     raise ValueError(f"{self.what} {key!r} is already registered")
+                if self._modules and key not in self._needs:
+                    raise ValueError(f"{self.what} {key!r} is not declared in verlcli.algorithms.catalog")
                 self._fns[key] = fn
-                self._needs[key] = needs
+                self._needs.setdefault(key, Needs())
             return fn
 
         return decorator
 
+    def _load(self) -> None:
+        for module in self._modules:
+            importlib.import_module(module)
+
     def get(self, name: str, config_key: str | None = None) -> Callable:
         """The function registered as `name`; `config_key` overrides the key named in the
         error when one registry serves several keys."""
+        if name not in self._fns:
+            self._load()
         try:
             return self._fns[name]
         except (KeyError, TypeError):
@@ -68,12 +87,13 @@ class Registry:
 
     def needs(self, name: str, config_key: str | None = None) -> Needs:
         """What entry `name` needs (see `Needs`); an unknown name raises like `get`."""
-        self.get(name, config_key)
+        self.check(name, config_key)
         return self._needs[name]
 
     def check(self, name: str, config_key: str | None = None) -> None:
-        """Raise the `get` error for an unknown name (config load time)."""
-        self.get(name, config_key)
+        """Raise the `get` error for an unknown name; a declared name needs no import."""
+        if not (isinstance(name, str) and name in self._needs):
+            self.get(name, config_key)
 
     def unknown(self, name, config_key: str | None = None) -> UserError:
         key = config_key or self.config_key
@@ -85,13 +105,13 @@ class Registry:
         )
 
     def names(self) -> list[str]:
-        return sorted(self._fns)
+        return sorted(self._needs)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._fns
+        return name in self._needs
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._fns)
+        return len(self._needs)

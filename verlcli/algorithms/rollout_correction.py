@@ -26,18 +26,16 @@ the measure, not the objective) and log ratios are clamped to [−20, 20] before
 
 from __future__ import annotations
 
-import difflib
 import math
 
 import torch
 
 from verlcli.algorithms.aggregation import masked_mean
+from verlcli.algorithms.catalog import check_rejection
 from verlcli.errors import UserError
 
 BOUND = 20.0
 IS_LEVELS = ("token", "sequence")
-RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
-              "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
 
 
 def _seq_sum(x, mask):
@@ -89,45 +87,6 @@ def is_weights(log_ratio, mask, level="token", threshold=2.0, batch_normalize=Fa
         w = w / factor
         metrics["rollout_is_batch_norm_factor"] = factor
     return w.detach(), metrics
-
-
-def _thresholds(options: list[str], spec) -> dict[str, tuple[float | None, float]]:
-    parts = [p.strip() for p in str(spec).split(",") if p.strip()] if spec is not None else []
-    if len(parts) not in (1, len(options)):
-        raise UserError(
-            f"algorithm.rollout_correction.rollout_rs_threshold={spec!r} must give one threshold, "
-            f"or one per rollout_rs option ({len(options)})",
-            fix="e.g. rollout_rs=token_k1 rollout_rs_threshold=2.0, or '0.5_2.0' (lower_upper) for k1 options",
-        )
-    parts = parts * len(options) if len(parts) == 1 else parts
-    out = {}
-    for opt, p in zip(options, parts):
-        try:
-            if opt.endswith("k1"):
-                low, high = (float(x) for x in p.split("_", 1)) if "_" in p else (1 / float(p), float(p))
-                ok = low > 0 and high > 0
-            else:
-                low, high = None, float(p)
-                ok = high > 0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UserError(f"bad rollout_rs_threshold {p!r} for {opt}",
-                            fix="thresholds are positive numbers; k1 options also take 'lower_upper'")
-        out[opt] = (low, high)
-    return out
-
-
-def check_rejection(options: str, threshold) -> tuple[list[str], dict]:
-    """(option names, their bounds), or UserError naming the bad option or threshold."""
-    names = list(dict.fromkeys(o.strip() for o in str(options).split(",") if o.strip()))
-    for name in names or [str(options)]:
-        if name not in RS_OPTIONS:
-            close = difflib.get_close_matches(name, RS_OPTIONS, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise UserError(f"unknown rollout_rs option {name!r} for algorithm.rollout_correction.rollout_rs",
-                            fix=f"{hint}use any of (comma-separated): {', '.join(RS_OPTIONS)}")
-    return names, _thresholds(names, threshold)
 
 
 def rejection_mask(log_ratio, mask, options: str, threshold):

@@ -28,10 +28,7 @@ from collections import defaultdict
 
 import torch
 
-from verlcli.algorithms.advantages import ADV_ESTIMATORS
-from verlcli.algorithms.registry import Needs
-
-OTB_NEEDS = Needs(group=True, old_log_probs=True, sum_pi_squared=True)
+from verlcli.algorithms.catalog import ADV_ESTIMATORS
 
 
 def _inputs(token_level_rewards, response_mask, old_log_probs, sum_pi_squared, rollout_is_weights):
@@ -79,7 +76,7 @@ def _group_baselines(returns, w_cum, mask, index, lengths, handle_zero_tail, eps
     return baselines
 
 
-@ADV_ESTIMATORS.register("optimal_token_baseline", needs=OTB_NEEDS)
+@ADV_ESTIMATORS.register("optimal_token_baseline")
 def optimal_token_baseline(token_level_rewards, response_mask, index=None, old_log_probs=None,
                            sum_pi_squared=None, rollout_is_weights=None, handle_zero_tail=False,
                            epsilon=1e-8, **kwargs):
@@ -91,7 +88,7 @@ def optimal_token_baseline(token_level_rewards, response_mask, index=None, old_l
     return (returns - baselines) * mask, returns
 
 
-@ADV_ESTIMATORS.register("tir_optimal_token_baseline", needs=OTB_NEEDS)
+@ADV_ESTIMATORS.register("tir_optimal_token_baseline")
 def tir_optimal_token_baseline(token_level_rewards, response_mask, index=None, old_log_probs=None,
                                sum_pi_squared=None, rollout_is_weights=None, handle_zero_tail=True,
                                epsilon=1e-8, **kwargs):

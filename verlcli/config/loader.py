@@ -245,7 +245,7 @@ def check_names(cfg: Config) -> None:
     """Every name the config selects from a registry exists (UserError with 'did you mean'),
     and the combinations the algorithms cannot run are refused before any worker starts."""
     from verlcli.algorithms import ADV_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-    from verlcli.algorithms.rollout_correction import check_rejection
+    from verlcli.algorithms.catalog import check_rejection
 
     ADV_ESTIMATORS.check(cfg.algorithm.adv_estimator, "algorithm.adv_estimator")
     POLICY_LOSSES.check(cfg.actor.policy_loss, "actor.policy_loss")
