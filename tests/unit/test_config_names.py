@@ -112,3 +112,15 @@ def test_verl_knobs_are_keys_with_verls_defaults():
     assert pl.clip_ratio_low == 10 and pl.ppo_kl_coef == 0.1 and pl.kl_cov_ratio == 0.0002
     assert (pl.clip_cov_ratio, pl.clip_cov_lb, pl.clip_cov_ub) == (0.0002, 1.0, 5.0)
     assert (pl.tau_pos, pl.tau_neg) == (1.0, 1.05) and pl.loss_scale_factor == cfg.data.max_response_tokens
+
+
+def test_name_checks_import_no_torch():
+    """The catalog is torch-free: `--dry-run` name checks and `verl plan` stay fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from verlcli.config.loader import load_config; "
+            "c = load_config(overrides=['algorithm.adv_estimator=optimal_token_baseline']); "
+            "assert c.estimator_needs.sum_pi_squared; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
