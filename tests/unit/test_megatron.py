@@ -197,6 +197,21 @@ def _engine(path, tp, **kw):
     return MegatronEngine(path, tensor_parallel_size=tp, device="cpu", compute_dtype="float32", **kw)
 
 
+def _packed_vs_alone(eng, ids):
+    """SFT packing: two samples in one row (block-diagonal additive mask, positions restart)
+    must give each sample the logits it gets alone."""
+    from verlcli.data.packing import block_causal_mask
+
+    a, b = ids[0, :5], ids[1, :4]
+    row = torch.cat([a, b])[None]
+    pos = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    with torch.no_grad():
+        packed = eng.forward_logits(row, block_causal_mask(pos), pos)[0]
+        alone = [eng.forward_logits(x[None], torch.ones(1, len(x), dtype=torch.long),
+                                    torch.arange(len(x))[None])[0] for x in (a, b)]
+    return float((packed - torch.cat(alone)).abs().max())
+
+
 def _worker(rank, port, out_dir, paths):
     warnings.filterwarnings("ignore")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -215,6 +230,8 @@ def _worker(rank, port, out_dir, paths):
                 res[f"{name}/logits_tp{tp}"] = eng.forward_logits(*rows)
                 lp, ent = eng.log_probs(*rows, R, with_entropy=True)
             res[f"{name}/lp_tp{tp}"], res[f"{name}/ent_tp{tp}"] = lp, ent
+            if tp == 2 and name == "qwen2":
+                res["packed"] = _packed_vs_alone(eng, ids)
             del eng
 
     # 3 steps at TP=2 (both ranks: the whole batch) vs FSDP on 2 ranks (half each).
@@ -301,6 +318,10 @@ def test_logits_log_probs_entropy_equal_transformers_at_tp2_and_tp1(run, family)
         keep = rmask.bool()
         assert (got_lp - lp)[keep].abs().max() < 1e-4, tp
         assert (got_ent - ent)[keep].abs().max() < 1e-4, tp
+
+
+def test_packed_rows_give_each_sample_its_own_logits(run):
+    assert run["ranks"][0]["packed"] < 1e-4
 
 
 def test_three_steps_at_tp2_match_fsdp(run):
