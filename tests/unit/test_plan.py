@@ -91,6 +91,8 @@ def test_state_terms_by_hand():
     # DeepSpeed bf16 on GPU, ZeRO-1: full bf16 weights and grads, sharded master + moments.
     assert [b for _, b in state_bytes("deepspeed", 1, n, n, 4, gpu=True)] == [2 * n, 2 * n, 12 * n / 4]
     assert [b for _, b in state_bytes("deepspeed", 3, n, n, 4, gpu=True)] == [2 * n / 4, 2 * n / 4, 12 * n / 4]
+    # megatron: fp32 state split by tensor parallelism only
+    assert [b for _, b in state_bytes("megatron", 3, n, n, 4, gpu=False, tp=2)] == [4 * n / 2, 4 * n / 2, 8 * n / 2]
 
 
 def test_activation_and_logit_terms_by_hand():

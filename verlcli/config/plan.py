@@ -231,12 +231,16 @@ class _Ctx:
 
 
 def state_bytes(strategy: str, zero_stage: int, params: int, trainable: int, dp: int,
-                gpu: bool) -> list[tuple[str, float]]:
+                gpu: bool, tp: int = 1) -> list[tuple[str, float]]:
     """(name, bytes per device) of the persistent training state of one engine.
     fsdp: fp32 params, grads and AdamW moments, all sharded over dp.
     deepspeed (GPU bf16 mode): bf16 weights (sharded at stage 3), an fp32 master copy and the
     moments sharded, bf16 grads (full at stage 1, sharded from stage 2). On CPU, fp32 ZeRO:
-    no master copy, fp32 weights and grads, sharded by the same stages."""
+    no master copy, fp32 weights and grads, sharded by the same stages.
+    megatron: fp32 weights, grads and moments split by tensor parallelism only (`tp`)."""
+    if strategy == "megatron":
+        return [(f"params (fp32, TP={tp})", 4 * params / tp), (f"grads (fp32, TP={tp})", 4 * trainable / tp),
+                (f"AdamW state (fp32, TP={tp})", 8 * trainable / tp)]
     if strategy != "deepspeed":
         return [("params (fp32 shard)", 4 * params / dp), ("grads (fp32 shard)", 4 * trainable / dp),
                 ("AdamW state (fp32 shard)", 8 * trainable / dp)]
@@ -263,7 +267,8 @@ def _engine_terms(ctx: _Ctx, role: str, params: int, trainable: int, offload_par
     off_o = offload_optimizer and gpu and not off_p
     res = ctx.resident
     away = ctx.offloads  # GPU: trainer state goes to host while the rollout generates
-    (pn, p), (gn, g), (on, o) = state_bytes(strategy, stage, params, trainable, dp, gpu)
+    tp = getattr(pc, "tensor_parallel_size", 1) if strategy == "megatron" else 1
+    (pn, p), (gn, g), (on, o) = state_bytes(strategy, stage, params, trainable, dp, gpu, tp)
     terms = [Term(role, pn, 0 if off_p else p, () if off_p else res, host=p if off_p or away else 0)]
     if train:
         terms.append(Term(role, gn, 0 if off_p else g,
@@ -273,7 +278,8 @@ def _engine_terms(ctx: _Ctx, role: str, params: int, trainable: int, offload_par
                           o_phases, host=o if off_p or off_o or away else 0))
     fwd = ("log-probs", "update") if train else ("log-probs",)
     fwd = tuple(f for f in fwd if f in ctx.phases)
-    sharded = strategy != "deepspeed" or stage == 3  # else every rank holds full weights
+    # FSDP and ZeRO-3 gather weights for compute; ZeRO-1/2 and megatron hold what they use.
+    sharded = strategy == "fsdp" or strategy == "deepspeed" and stage == 3
     if gpu and sharded:  # unsharded in bf16: two layers in flight (prefetch) + the root's embeddings
         gathered = 2 * (2 * s.layer_params() + s.embedding_params + s.hidden)
         terms.append(Term(role, "gathered bf16 weights", gathered, fwd, transient=True))
