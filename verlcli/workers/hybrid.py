@@ -147,7 +147,9 @@ class HybridWorker(Worker):
                             max_tokens=self.cfg.data.max_response_tokens, stop=list(self.cfg.rollout.stop))
         prompts = [list(p) for p in batch["prompt_ids"]]
         if "rng_seed" in m:  # trainer.deterministic: this step's stream, whatever ran before
-            self.rollout.reseed(int(m["rng_seed"]) + 1_000_003 * self.rank)
+            # TP ranks of one engine sample in lockstep: one seed per engine, as at creation.
+            tp = self.cfg.rollout.tensor_parallel_size
+            self.rollout.reseed(int(m["rng_seed"]) + 1_000_003 * (self.rank // tp))
         self._rollout_mode()
         outs = self.rollout.generate(prompts, spec)
         self._trainer_mode()
