@@ -2,10 +2,12 @@
 
 What every backend's `weight_buckets` shares (see `engine/base.py`): the order and names of
 what is streamed, the LoRA merge per module, the tied-weight aliases and the bucketing.
-A backend supplies only `fetch(name)`: the full tensor behind one of its state-dict names,
-gathered from the shards (a collective, so every rank walks the same names in the same
-order). At any moment a rank holds at most one bucket of cast tensors plus the one fp32
-tensor (or LoRA module) being gathered — never the whole model.
+A backend supplies only `fetch(name, dtype)`: the full tensor behind one of its state-dict
+names, gathered from the shards (a collective, so every rank walks the same names in the same
+order) and cast to `dtype` (None: as stored). Casting the SHARD before gathering halves the
+bytes on the wire and never materializes the full fp32 tensor; it is exact (a cast is
+elementwise). LoRA modules are gathered as stored, merged in fp32, then cast. At any moment
+a rank holds at most one bucket plus the tensor (or LoRA module) being gathered.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def _alias_plan(names: Iterable[str], tied_aliases) -> tuple[dict[str, list[str]
     return extra, skip
 
 
-def stream_weights(names: list[str], fetch: Callable[[str], torch.Tensor], bucket_bytes: int,
+def stream_weights(names: list[str], fetch: Callable[[str, torch.dtype | None], torch.Tensor],
+                   bucket_bytes: int,
                    dtype: torch.dtype | None, lora_scale: float | None,
                    tied_aliases=(), adapter: str = "default") -> Iterator[NamedTensors]:
     """Yield buckets of (HF name, full tensor cast to `dtype`) of at most `bucket_bytes`
@@ -63,14 +66,16 @@ def stream_weights(names: list[str], fetch: Callable[[str], torch.Tensor], bucke
         out = hf_name(name)
         if _is_adapter(name) or out in skip:
             continue
-        tensor = fetch(name)
         if lora_scale is not None and name.endswith(".base_layer.weight"):
             module = name[: -len(".base_layer.weight")]
-            a = fetch(f"{module}.lora_A.{adapter}.weight").float()
-            b = fetch(f"{module}.lora_B.{adapter}.weight").float()
-            tensor = (tensor.float() + lora_scale * (b @ a)).to(tensor.dtype)
-            del a, b
+            base = fetch(name, None)
+            a = fetch(f"{module}.lora_A.{adapter}.weight", None).float()
+            b = fetch(f"{module}.lora_B.{adapter}.weight", None).float()
+            tensor = (base.float() + lora_scale * (b @ a)).to(dtype or base.dtype)
+            del base, a, b
             merged += 1
+        else:
+            tensor = fetch(name, dtype)
         tensor = tensor.detach().to(dtype) if dtype is not None else tensor.detach()
         nbytes = tensor.numel() * tensor.element_size()
         if bucket and size + nbytes > bucket_bytes:

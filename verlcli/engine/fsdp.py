@@ -372,26 +372,29 @@ class FSDPEngine(TrainEngine):
     def weight_buckets(self, bucket_bytes: int,
                        dtype: torch.dtype | None = None) -> Iterator[NamedTensors]:
         """Full weights under HF names in buckets of at most `bucket_bytes` (collective).
-        Each tensor is all-gathered from its DTensor shards on its own and cast at once, so
-        a rank holds one bucket plus one fp32 tensor, never the whole model. LoRA adapters
+        Each tensor is cast on its shard and all-gathered on its own (see engine/buckets.py),
+        so a rank holds one bucket plus one tensor, never the whole model. LoRA adapters
         come merged into the base weights (W + alpha/r · B·A); tied weights appear under
         every name."""
         from verlcli.engine.buckets import stream_weights
 
         sharded = self.model.state_dict()  # references to the local shards, no copies
-        yield from stream_weights(list(sharded), lambda name: self._gather(sharded[name]),
+        yield from stream_weights(list(sharded), lambda name, dt: self._gather(sharded[name], dt),
                                   bucket_bytes, dtype, self.lora_scale, self.tied_aliases)
 
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        """The full tensor behind one shard (a collective), on the compute device."""
+    def _gather(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full tensor behind one shard (a collective), on the compute device, cast to
+        `dtype` on the shard first (fewer bytes gathered; no full fp32 copy)."""
         if isinstance(t, DTensor):
+            live = t.to_local().data_ptr()
             if t.device.type != self.device.type:  # CPU-offloaded shards on a GPU mesh
                 t = t.to(self.device)
-            local = t.to_local()
+            if dtype is not None and t.dtype != dtype:
+                t = t.to(dtype)
             full = t.full_tensor()
             # One rank: the "gathered" tensor may be the live parameter; callers keep
             # buckets across optimizer steps (full_state_dict), so hand out a copy.
-            t = full.clone() if full.data_ptr() == local.data_ptr() else full
+            t = full.clone() if full.data_ptr() == live else full
         return t.detach()
 
     @property
