@@ -11,14 +11,15 @@ import pytest
 from e2e_helpers import ok, verl
 
 
-@pytest.fixture
-def two_node_cluster(monkeypatch):
+@pytest.fixture(scope="module")
+def two_node_cluster():
     pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
     # Ray's Unix sockets live under RAY_TMPDIR and their paths must stay ≤ 107 bytes.
     tmp = tempfile.mkdtemp(prefix="vr", dir="/tmp")
-    monkeypatch.setenv("RAY_TMPDIR", tmp)
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)
@@ -27,6 +28,34 @@ def two_node_cluster(monkeypatch):
     finally:
         cluster.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old
+
+
+def test_pool_of_two_nodes_with_two_bundles_each(two_node_cluster):
+    """devices_per_node > 1: each node's group is pinned to its own node, in node-id order;
+    more nodes than the cluster has is an error naming the key."""
+    import ray
+
+    from verlcli.distributed.placement import resource_pool
+    from verlcli.errors import UserError
+
+    cluster, _ = two_node_cluster
+    ray.init(address=cluster.address)
+    try:
+        pool = resource_pool(nodes=2, devices_per_node=2, device="cpu", cpus_per_worker=0.5, max_colocate=1)
+        try:
+            assert len(set(pool.node_ids)) == 2 and pool.node_ids == sorted(pool.node_ids)
+            assert [ray.util.placement_group_table(pg)["bundles_to_node_id"] for pg in pool.pgs] == [
+                {0: node, 1: node} for node in pool.node_ids]
+        finally:
+            pool.remove()
+        with pytest.raises(UserError, match="resources.nodes=3 but the Ray cluster has 2 node"):
+            resource_pool(nodes=3, devices_per_node=1, device="cpu", cpus_per_worker=0.5)
+    finally:
+        ray.shutdown()
 
 
 def test_grpo_on_two_nodes_one_rank_each(workdir, two_node_cluster):
