@@ -130,6 +130,7 @@ def tp_job(tmp_path_factory):
     return {"tp2": tp2, "tp1": tp1[0], "weights": f"{out}.weights.safetensors"}
 
 
+@pytest.mark.slow  # one ~100 s job (2 ranks: FSDP + vLLM TP=2, then TP=1) serves both
 def test_weight_buckets_stream_the_full_state_dict_bounded(tp_job):
     for r in tp_job["tp2"]:
         assert r["n_buckets"] > 3, r
@@ -138,6 +139,7 @@ def test_weight_buckets_stream_the_full_state_dict_bounded(tp_job):
         assert r["sync_buckets"] > 1
 
 
+@pytest.mark.slow  # one ~100 s job (2 ranks: FSDP + vLLM TP=2, then TP=1) serves both
 def test_tp2_generates_what_tp1_and_the_trainer_do_after_a_sync(tp_job):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
