@@ -198,9 +198,13 @@ class DeepSpeedEngine(TrainEngine):
         from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
         cls = AutoModelForCausalLM if self.kind == "causal_lm" else AutoModelForTokenClassification
-        with self.ds.zero.Init(config_dict_or_path=self.config, dtype=self._param_dtype()), \
+        # No dtype= for zero.Init: DeepSpeed 0.19.8 then ignores it on CPU (picks bf16); from the
+        # config it takes bf16 exactly when our bf16 mode is on, else fp32.
+        with self.ds.zero.Init(config_dict_or_path=self.config), \
                 no_init_weights():  # values come from rank 0 below
             hf_model = cls.from_config(self.hf_config, dtype=self._param_dtype())
+        if getattr(self.hf_config, "tie_word_embeddings", False):
+            hf_model.tie_weights()  # skipped with the weight init: lm_head must BE the embedding
         # LoRA outside zero.Init: peft sizes the adapters from the base weights, which are
         # empty partitions in there. The small adapters stay whole until initialize()
         # partitions them with the rest.
