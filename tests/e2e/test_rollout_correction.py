@@ -1,5 +1,6 @@
-"""Rollout correction from the config, end to end (local launcher, HF engine, tiny model):
-the IS weights reach the actor's loss and their statistics are logged every step."""
+"""verl-parity settings end to end (local launcher, HF engine, tiny model): rollout
+correction's IS weights reach the actor's loss and their statistics are logged every step;
+bypass mode; the optimal token baseline (Σπ² from the old-policy forward) with PF-PPO."""
 
 import json
 
@@ -49,3 +50,12 @@ def test_bypass_mode_reinforce_runs_and_logs(workdir):
     assert m["rollout_corr/rollout_rs_masked_fraction"] == 0.0  # bounds [1/5, 5] keep every token
     assert 0.5 < m["rollout_corr/rollout_is_mean"] < 2.0
     assert m["rollout_corr/kl"] == pytest.approx(m["actor/ppo_kl"])  # REINFORCE's kl is to the rollout
+
+
+def test_optimal_token_baseline_with_pf_ppo(workdir):
+    run = workdir / "runs" / "otb"
+    ok(verl("grpo", *BASE, f"trainer.run_dir={run}", "algorithm.adv_estimator=optimal_token_baseline",
+            "algorithm.use_pf_ppo=true", cwd=workdir))
+    m = last_metrics(run)
+    assert "timing/old_log_prob_s" in m  # Σπ² comes from that pass
+    assert m["advantage/abs_max"] > 0 and 0 < m["pf_ppo/unique_fraction"] <= 1
