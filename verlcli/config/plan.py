@@ -288,6 +288,10 @@ def _engine_terms(ctx: _Ctx, role: str, params: int, trainable: int, offload_par
             untied_input = 0 if s.tied else s.vocab * s.hidden  # a lookup is not cast
             terms.append(Term(role, "bf16 weight copies (autocast)", 2 * (params - untied_input),
                               ("update",), transient=True))
+        if train:  # measured here (BENCHMARKS.md): peak RSS exceeds the tensors by about one
+            # fp32 copy of the shard — memory glibc keeps after freeing activations and grads
+            terms.append(Term(role, "allocator slack (measured)", 4 * params / dp, ("update",),
+                              transient=True))
         if dp > 1 and sharded:  # unsharded fp32 layers in flight + the root's embeddings
             terms.append(Term(role, "gathered fp32 weights",
                               4 * (2 * s.layer_params() + s.embedding_params), fwd, transient=True))
