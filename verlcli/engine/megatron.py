@@ -171,7 +171,8 @@ class MegatronEngine(TrainEngine):
                  optim: OptimConfig | None = None, total_optimizer_steps: int = 1,
                  device: str = "cpu", compute_dtype: str = "auto",
                  gradient_checkpointing: bool = False, lora: LoraConfig | None = None,
-                 offload_params: bool = False, offload_optimizer: bool = False, seed: int = 1):
+                 offload_params: bool = False, offload_optimizer: bool = False, seed: int = 1,
+                 trust_remote_code: bool = False):
         if not dist.is_initialized():
             raise RuntimeError("MegatronEngine needs torch.distributed initialized")
         if lora is not None and lora.rank > 0:
@@ -201,7 +202,8 @@ class MegatronEngine(TrainEngine):
 
         from transformers import AutoConfig
 
-        self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        # Remote-code models are not Llama/Qwen2, so layout_from_hf refuses them below.
+        self.hf_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
         if kind == "value":
             self.hf_config.num_labels = 1
             self.hf_config.classifier_dropout = 0.0
