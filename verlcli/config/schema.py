@@ -115,11 +115,11 @@ class OptimConfig(Section):
     grad_clip: float = Field(1.0, gt=0.0)
 
 
-class PolicyConfig(Section):
-    """Shared by actor and critic: how a mini-batch is cut and how memory is saved."""
+class EngineChoice(Section):
+    """Which training engine a role runs on (`verlcli.engine.make_engine` reads these)."""
 
     strategy: Literal["fsdp", "deepspeed", "megatron"] = Field(
-        "fsdp", description="Training engine: fsdp (PyTorch FSDP2), deepspeed (ZeRO) or megatron (megatron-core tensor parallel). The reference model uses the actor's."
+        "fsdp", description="Training engine: fsdp (PyTorch FSDP2), deepspeed (ZeRO) or megatron (megatron-core tensor parallel)."
     )
     tensor_parallel_size: int = Field(
         1, ge=1, description="strategy=megatron: ranks that split each layer (must divide the ranks and the attention/KV heads); the rest is data parallel."
@@ -130,6 +130,12 @@ class PolicyConfig(Section):
     zero_stage: Literal[1, 2, 3] = Field(
         3, description="strategy=deepspeed: ZeRO stage (1 optimizer states, 2 + gradients, 3 + parameters sharded)."
     )
+
+
+class PolicyConfig(EngineChoice):
+    """Shared by actor and critic: how a mini-batch is cut and how memory is saved.
+    The reference model runs on the actor's engine choice."""
+
     mini_batch_prompts: int = Field(
         8, ge=1, description="Prompts per optimizer step (verl: ppo_mini_batch_size); × rollout.n sequences."
     )
@@ -253,19 +259,7 @@ class RewardConfig(Section):
     model: RewardModelConfig = Field(default_factory=RewardModelConfig)
 
 
-class SFTConfig(Section):
-    strategy: Literal["fsdp", "deepspeed", "megatron"] = Field(
-        "fsdp", description="Training engine: fsdp (PyTorch FSDP2), deepspeed (ZeRO) or megatron (megatron-core tensor parallel)."
-    )
-    tensor_parallel_size: int = Field(
-        1, ge=1, description="strategy=megatron: ranks that split each layer (must divide the ranks and the attention/KV heads); the rest is data parallel."
-    )
-    pipeline_parallel_size: int = Field(
-        1, ge=1, description="strategy=megatron: pipeline stages; only 1 is supported (megatron's pipeline schedules need CUDA)."
-    )
-    zero_stage: Literal[1, 2, 3] = Field(
-        3, description="strategy=deepspeed: ZeRO stage (1 optimizer states, 2 + gradients, 3 + parameters sharded)."
-    )
+class SFTConfig(EngineChoice):
     max_length_tokens: int = Field(512, ge=8, description="Prompt + response, per sample.")
     batch_sequences: int = Field(8, ge=1, description="Samples per optimizer step (all devices).")
     micro_batch_sequences_per_device: int = Field(4, ge=1)

@@ -45,6 +45,7 @@ class TrainEngine(ABC):
     """A Hugging Face-shaped model on this rank, with optimizer, schedule and checkpoints."""
 
     kind: Kind
+    model: torch.nn.Module  # the backend's (possibly wrapped) module; train/eval mode only
     rank: int
     world_size: int
     device: torch.device
@@ -80,7 +81,12 @@ class TrainEngine(ABC):
     @contextlib.contextmanager
     def eval_mode(self):
         """No dropout inside (validation); the previous mode is restored after."""
-        yield
+        was_training = self.model.training
+        self.model.train(False)
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
 
     # ------------------------------------------------------------------ training
     @abstractmethod

@@ -358,15 +358,6 @@ class FSDPEngine(TrainEngine):
         return (sum(p.numel() for p in self.trainable),
                 sum(p.numel() for p in self.model.parameters()))
 
-    @contextlib.contextmanager
-    def eval_mode(self):
-        was_training = self.model.training
-        self.model.train(False)
-        try:
-            yield
-        finally:
-            self.model.train(was_training)
-
     # ------------------------------------------------------------------ weights out
 
     def weight_buckets(self, bucket_bytes: int,

@@ -34,7 +34,6 @@ linear autograd functions on CPU: their backward mixes bf16 grads with fp32 weig
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -376,15 +375,6 @@ class MegatronEngine(TrainEngine):
         R = int(response_len)
         hidden = self._hidden(input_ids, attention_mask, position_ids)[-R - 1:-1]
         return self.model.value_head(hidden).squeeze(-1).t().float()
-
-    @contextlib.contextmanager
-    def eval_mode(self):
-        was = self.model.training
-        self.model.train(False)
-        try:
-            yield
-        finally:
-            self.model.train(was)
 
     # ------------------------------------------------------------------ training
 
