@@ -277,15 +277,6 @@ class DeepSpeedEngine(TrainEngine):
         return response_values(self._forward(input_ids, attention_mask, position_ids).logits,
                                int(response_len))
 
-    @contextlib.contextmanager
-    def eval_mode(self):
-        was_training = self.model.training
-        self.model.train(False)
-        try:
-            yield
-        finally:
-            self.model.train(was_training)
-
     # ------------------------------------------------------------------ training
 
     def backward(self, loss: torch.Tensor) -> None:
