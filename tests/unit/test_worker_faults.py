@@ -26,8 +26,11 @@ def ray_up():
         ray.shutdown()
 
 
-def test_kill_9_of_a_worker_names_role_rank_node_signal_and_log(ray_up):
-    group = RayWorkerGroup(ToyWorker, 2, CPU, {}, name="actor", placement_group="separate")
+def test_kill_9_of_a_worker_names_role_rank_node_signal_and_log(ray_up, tmp_path):
+    # As in a real run, each worker writes to RUN_DIR/logs/<group>_rank<r>.log: the report
+    # must read that file (the workers redirect their output there after the group found them).
+    group = RayWorkerGroup(ToyWorker, 2, CPU, {}, name="actor", placement_group="separate",
+                           env={"VERL_LOG_DIR": str(tmp_path / "logs")})
     try:
         pids = group.say("loaded the model, about to wait in a collective")
         victim = pids[1]

@@ -224,6 +224,9 @@ class RayWorkerGroup(WorkerGroup):
         ]
         # All ranks start together: joining the process group is a collective.
         self._gather(starts, "__init__")
+        # Again now that each worker writes to its own log file (start() redirects its output
+        # there): a death report must read that file, not Ray's, which no longer grows.
+        self._where = self._gather([h.where.remote() for h in self._hosts], "find the workers")
 
     def _run(self, method: str, per_rank: list) -> list:
         if not self._hosts:
