@@ -196,6 +196,12 @@ def save_checkpoint(engine, path: str | os.PathLike, extra: dict) -> Path:
         write_json_atomic(tmp / "extra.json", extra)
         _copy_hf_files(engine, tmp / "hf")
         write_json_atomic(tmp / "meta.json", _meta(engine, has_optim))
+    return publish_dir(tmp, path, rank)
+
+
+def publish_dir(tmp: Path, path: Path, rank: int) -> Path:
+    """Collective: after every rank wrote into `tmp`, rank 0 renames it to `path` (an existing
+    `path` is moved aside first and removed last), so `path` is never half-written."""
     dist.barrier()
     if rank == 0:
         old = path.with_name(path.name + ".old")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import types
 import warnings
@@ -576,16 +575,7 @@ class MegatronEngine(TrainEngine):
                                          hf_model=types.SimpleNamespace(config=self.hf_config))
             ckpt._copy_hf_files(shim, tmp / "hf")
             write_json_atomic(tmp / "meta.json", self._meta(has_optim))
-        dist.barrier()
-        if self.rank == 0:
-            old = path.with_name(path.name + ".old")
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-        return path
+        return ckpt.publish_dir(tmp, path, self.rank)
 
     def _meta(self, has_optim: bool) -> dict:
         return {"format_version": ckpt.FORMAT_VERSION, "strategy": "megatron", "kind": self.kind,
