@@ -41,7 +41,8 @@ def score(data_source, response, ground_truth, extra_info):
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the unsandboxed call writes scratch.txt where it runs
     fn = tmp_path / "probe.py"
     fn.write_text(PROBE)
     run = tmp_path / "run"
