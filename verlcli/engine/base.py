@@ -61,6 +61,13 @@ class TrainEngine(ABC):
         return self.world_size
 
     # ------------------------------------------------------------------ forward
+    def autocast(self):
+        """bf16 autocast around a forward on CPU when the compute dtype is bf16 (the weights
+        stay fp32 masters); on GPU the backends cast by their own mixed-precision policy."""
+        if self.device.type == "cpu" and self.compute_dtype == torch.bfloat16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @abstractmethod
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        position_ids: torch.Tensor) -> torch.Tensor:

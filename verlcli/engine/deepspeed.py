@@ -241,16 +241,11 @@ class DeepSpeedEngine(TrainEngine):
 
     # ------------------------------------------------------------------ forward
 
-    def _autocast(self):
-        if self.device.type == "cpu" and self.compute_dtype == torch.bfloat16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _forward(self, input_ids, attention_mask, position_ids, **kwargs):
         module = self.engine if self.engine is not None else self.model
         if attention_mask.is_floating_point() and self.ds_bf16:
             attention_mask = attention_mask.to(torch.bfloat16)  # additive mask in compute dtype
-        with self._autocast():
+        with self.autocast():
             return module(input_ids=input_ids.to(self.device),
                           attention_mask=attention_mask.to(self.device),
                           position_ids=position_ids.to(self.device), use_cache=False, **kwargs)

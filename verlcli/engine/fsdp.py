@@ -29,7 +29,6 @@ from rank 0 — so host memory holds one full fp32 copy per node, not one per ra
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -55,6 +54,7 @@ from torch.distributed.tensor import DTensor
 from verlcli.config.schema import LoraConfig, OptimConfig
 from verlcli.engine import checkpoint as ckpt
 from verlcli.engine.base import Kind, NamedTensors, TrainEngine
+from verlcli.engine.heads import response_log_probs, response_values
 from verlcli.engine.optim import build_optimizer, build_scheduler
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -258,13 +258,8 @@ class FSDPEngine(TrainEngine):
 
     # ------------------------------------------------------------------ forward
 
-    def _autocast(self):
-        if self.device.type == "cpu" and self.compute_dtype == torch.bfloat16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _forward(self, input_ids, attention_mask, position_ids, **kwargs):
-        with self._autocast():
+        with self.autocast():
             return self.model(input_ids=input_ids.to(self.device),
                               attention_mask=attention_mask.to(self.device),
                               position_ids=position_ids.to(self.device),
@@ -281,32 +276,21 @@ class FSDPEngine(TrainEngine):
         """(log p(response token | everything before it) `[B, R]`, entropy `[B, R]` or
         None), float32. Only the last R+1 positions go through the output layer; the
         log-softmax and entropy are computed in row chunks (no `[B, R, V]` float copy)."""
-        from verlcli.algorithms.entropy import entropy_from_logits_chunked, logprobs_from_logits
-
         if self.kind != "causal_lm":
             raise RuntimeError("log_probs needs kind='causal_lm'")
         R = int(response_len)
         if not 0 < R < input_ids.shape[1]:
             raise ValueError(f"response_len {R} must be in [1, {input_ids.shape[1] - 1}]")
-        logits = self._forward(input_ids, attention_mask, position_ids,
-                               logits_to_keep=R + 1).logits[:, :-1]
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if temperature != 1.0:
-            logits = logits / temperature
-        labels = input_ids[:, -R:].to(self.device)
-        logprobs = logprobs_from_logits(logits, labels).float()
-        entropy = entropy_from_logits_chunked(logits).float() if with_entropy else None
-        return logprobs, entropy
+        logits = self._forward(input_ids, attention_mask, position_ids, logits_to_keep=R + 1).logits
+        return response_log_probs(logits, input_ids.to(self.device), R, temperature, with_entropy)
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                position_ids: torch.Tensor, response_len: int) -> torch.Tensor:
         """Value at each response position `[B, R]`, float32: `values[:, -R-1:-1]`."""
         if self.kind != "value":
             raise RuntimeError("values needs kind='value'")
-        R = int(response_len)
-        out = self._forward(input_ids, attention_mask, position_ids).logits
-        return out.squeeze(-1).float()[:, -R - 1:-1]
+        return response_values(self._forward(input_ids, attention_mask, position_ids).logits,
+                               int(response_len))
 
     # ------------------------------------------------------------------ training
 
