@@ -74,12 +74,12 @@ PREFIXES = {
 }
 # keys that mean nothing here, and why
 IGNORED = {
-    "use_remove_padding": "padding is always removed", "log_prob_micro_batch_size_per_gpu": "derived from the actor's",
+    "use_remove_padding": "no packed forward yet: each micro-batch is trimmed to its longest row", "log_prob_micro_batch_size_per_gpu": "derived from the actor's",
     "log_prob_micro_batch_size": "derived from the actor's", "ref.fsdp_config.param_offload": "the reference follows the actor",
     "calculate_log_probs": "rollout log-probs are always kept", "calculate_sum_pi_squared": "automatic for the optimal token baseline",
     "use_fused_kernels": "not used", "filter_overlong_prompts": "data.truncation decides (error names the row)",
     "critic.model.enable_gradient_checkpointing": "model.gradient_checkpointing covers both",
-    "critic.model.use_remove_padding": "padding is always removed", "use_legacy_worker_impl": "one worker implementation",
+    "critic.model.use_remove_padding": "no packed forward yet: each micro-batch is trimmed to its longest row", "use_legacy_worker_impl": "one worker implementation",
     "enforce_eager": "set by the engine", "enable_chunked_prefill": "set by the engine",
     "reward_model.reward_manager": "rewards are chosen by data_source", "reward_model.enable": "on when reward.model.path is set",
     "ray_init.": "Ray starts from resources.* (or RAY_ADDRESS)", "trainer.critic_warmup=0": "no warm-up is the only mode",
