@@ -4,6 +4,13 @@ Every row is `[prompt, left-padded to a fixed width | response, right-padded to 
 width]`. Fixed widths let batches from different ranks concatenate; `trim` cuts the columns
 that are padding in every row of a micro-batch before the forward pass, so short batches
 cost what they contain, and `pad_right` restores the fixed width of per-token outputs.
+
+Two masks over the response columns, which differ for multi-turn rollouts:
+- `attention_mask[:, P:]`: every real token of the trajectory (model turns AND the tool
+  results / template tokens the agent loop inserted). The model sees all of them.
+- `response_mask`: the loss mask: only tokens the policy sampled (may have holes where the
+  loop inserted context; rollout correction may also zero tokens). Losses, advantages and
+  metrics of "generated tokens" use it; the sequence extent never does.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ def trim(micro: Batch) -> tuple[dict[str, torch.Tensor], int]:
     P = am.shape[1] - R
     prompt_valid = am[:, :P].any(dim=0).nonzero()
     left = int(prompt_valid[0]) if len(prompt_valid) else P - 1
-    resp_valid = micro["response_mask"].any(dim=0).nonzero()
+    resp_valid = am[:, P:].any(dim=0).nonzero()  # extent: all real tokens, not the loss mask
     r_keep = int(resp_valid[-1]) + 1 if len(resp_valid) else 1
     end = P + r_keep
     inputs = {k: micro[k][:, left:end] for k in ("input_ids", "attention_mask", "position_ids")}
