@@ -202,7 +202,7 @@ def _load(model, weights):
     model.tie_weights()
 
 
-def test_eos_ends_response_and_is_included(engine, ref, base_weights, tiny, prompts):
+def test_eos_ends_response_unless_ignore_eos(engine, ref, base_weights, tiny, prompts):
     """Weights that make EOS the greedy next token: the residual stream is the input
     embedding (attention and MLP outputs zeroed), and EOS's (tied) embedding is 10x that of
     the prompt's last token, so it wins the output layer."""
@@ -218,8 +218,16 @@ def test_eos_ends_response_and_is_included(engine, ref, base_weights, tiny, prom
         engine.sync_weights(w)
         out = engine.generate(prompts[:1], SamplingSpec(temperature=0, max_tokens=5))[0]
         assert out.response_ids == [eos] and out.finish_reason == "stop"
+        # ignore_eos: the same weights, and every response is exactly max_tokens long (EOS is
+        # kept as a token, not masked: the log-probs still match the unmasked model).
+        spec = SamplingSpec(n=2, temperature=0.7, max_tokens=5, ignore_eos=True)
+        full = engine.generate(prompts[:2], spec)
+        assert [len(o.response_ids) for o in full] == [5] * 4
+        assert all(len(o.logprobs) == 5 and o.finish_reason == "length" for o in full)
+        assert full[0].response_ids[0] == eos
         _load(ref, w)
         assert_matches(ref, prompts, [out])
+        assert_matches(ref, prompts, full, temperature=0.7)
     finally:
         engine.sync_weights(base_weights)
         _load(ref, base_weights)

@@ -76,6 +76,22 @@ class SamplingConfig(Section):
     top_k: int = -1
 
 
+class MultiTurnConfig(Section):
+    """Agent rollouts (verlcli/rollout/agent_loop.py): the model calls tools over several turns.
+    The whole trajectory (model turns + tool results) is one response of at most
+    data.max_response_tokens tokens; only the model's own tokens are trained on."""
+
+    enable: bool = Field(False, description="Multi-turn tool-calling rollouts with the tools in `tools`.")
+    max_turns: int = Field(4, ge=1, description="Model turns per trajectory; a tool call in the last one "
+                           "is not run (the trajectory ends without an answer).")
+    max_tool_response_tokens: int = Field(256, ge=1, description="A tool result longer than this many "
+                                          "tokens is cut (and says so) before it enters the conversation.")
+    tool_timeout_s: float = Field(10.0, gt=0.0, description="Wall/CPU time limit of one tool call; a "
+                                  "timeout becomes an error message to the model, never a crash.")
+    tool_memory_mb: int = Field(1024, ge=1, description="Address-space limit of a sandboxed tool call "
+                                "(the python tool's and user tools' subprocess), in MB.")
+
+
 class RolloutConfig(Section):
     engine: Literal["vllm", "hf"] = Field("vllm", description="vllm (production) or hf (transformers generate).")
     n: int = Field(4, ge=1, description="Responses sampled per prompt.")
@@ -83,6 +99,11 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, description="-1 = off.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
+    ignore_eos: bool = Field(
+        False, description="Training rollouts: EOS does not end a response, so every response is "
+        "data.max_response_tokens long (rollout.stop strings still end one). For equal-work "
+        "benchmarks; validation still stops at EOS.",
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="auto: bf16 on GPU; on CPU the training compute dtype."
     )
@@ -102,6 +123,7 @@ class RolloutConfig(Section):
     free_cache_engine: bool = Field(True, description="vLLM sleep/wake around training (GPU only).")
     cpu_kvcache_gb: int = Field(1, ge=1, description="vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE).")
     val: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for validation.")
+    multi_turn: MultiTurnConfig = Field(default_factory=MultiTurnConfig, description="Tool-calling agent rollouts.")
 
 
 class OptimConfig(Section):
@@ -141,6 +163,16 @@ class PolicyConfig(EngineChoice):
     )
     micro_batch_sequences_per_device: int = Field(
         4, ge=1, description="Sequences per forward/backward on one device; gradient accumulation covers the rest."
+    )
+    micro_batch_tokens_per_device: Optional[int] = Field(
+        None, ge=1, description="Fill each forward/backward up to this many tokens instead of a fixed sequence "
+        "count (verl: ppo_max_token_len_per_gpu with use_dynamic_bsz); must hold the longest sequence "
+        "(data.max_prompt_tokens + data.max_response_tokens). Unset: micro_batch_sequences_per_device."
+    )
+    forward_micro_batch_tokens_per_device: Optional[int] = Field(
+        None, ge=1, description="Token budget of the no-grad forwards (actor: old and reference log-probs; "
+        "critic: values; verl: log_prob_max_token_len_per_gpu / forward_max_token_len_per_gpu). Unset: "
+        "2 × micro_batch_tokens_per_device when that is set, else 2 × micro_batch_sequences_per_device sequences."
     )
     epochs: int = Field(1, ge=1, description="Passes over each step's data (verl: ppo_epochs).")
     offload_params: bool = False
@@ -326,6 +358,11 @@ class Config(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tools: list[str] = Field(
+        default_factory=list, description="Tools the model may call with rollout.multi_turn.enable: built-in "
+        "names (python, calculator) or 'path.py:function' user tools; a dataset `tools` column narrows "
+        "them per prompt.",
+    )
     launcher: Literal["ray", "local"] = Field("ray", description="ray: worker groups of Ray actors; local: one process.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     preset: Optional[str] = Field(None, description="Set by --preset (informational).")

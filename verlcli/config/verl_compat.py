@@ -45,7 +45,7 @@ KEYS = {
     A + "fsdp_config.param_offload": "actor.offload_params",
     A + "fsdp_config.optimizer_offload": "actor.offload_optimizer",
     R + "name": "rollout.engine", R + "n": "rollout.n", R + "temperature": "rollout.temperature",
-    R + "top_p": "rollout.top_p", R + "top_k": "rollout.top_k",
+    R + "top_p": "rollout.top_p", R + "top_k": "rollout.top_k", R + "ignore_eos": "rollout.ignore_eos",
     R + "gpu_memory_utilization": "rollout.gpu_memory_utilization",
     R + "tensor_model_parallel_size": "rollout.tensor_parallel_size", R + "free_cache_engine": "rollout.free_cache_engine",
     R + "val_kwargs.n": "rollout.val.n", R + "val_kwargs.temperature": "rollout.val.temperature",

@@ -7,6 +7,7 @@ Both engines (`vllm`, `hf`) implement `RolloutEngine` with the same conventions:
 * End of a response: EOS (the EOS id IS included in `response_ids`, so the policy learns to
   stop), a stop string (the tokens up to and including the one that completed the string;
   `finish_reason="stop"`), or `max_tokens` / the context limit (`finish_reason="length"`).
+  With `ignore_eos` an EOS is kept as a sampled token and generation goes on.
 * Log-probs ("processed" log-probs): the log-prob of each sampled token under the
   distribution it was actually sampled from, i.e.
       log_softmax(mask_top_k_top_p(logits / temperature))[token]
@@ -46,6 +47,10 @@ class SamplingSpec:
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # EOS is sampled like any token but does not end the response (vLLM's ignore_eos; the
+    # distribution is not masked, so log-probs keep their meaning): exactly max_tokens tokens
+    # unless a stop string or the context limit ends it first.
+    ignore_eos: bool = False
 
     def __post_init__(self):
         # Programming errors, not user input: the config schema validates user values first.

@@ -138,24 +138,34 @@ class HFRollout(RolloutEngine):
         # The warper does temperature/top-k/top-p; transformers' own must stay off (top_k=0:
         # unset, it would default to 50).
         own = {} if spec.greedy else dict(temperature=1.0, top_k=0, top_p=1.0)
+        eos = None if spec.ignore_eos else self.eos_ids
         config = GenerationConfig(
-            do_sample=not spec.greedy, max_new_tokens=max(budget), eos_token_id=self.eos_ids,
+            do_sample=not spec.greedy, max_new_tokens=max(budget), eos_token_id=eos,
             pad_token_id=self.pad_id, stop_strings=spec.stop or None, **own)
-        sequences = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-            generation_config=config, logits_processor=LogitsProcessorList([warper]),
-            tokenizer=self.tokenizer)
+        model_config = self.model.generation_config
+        if spec.ignore_eos:
+            # generate() fills an unset eos_token_id from the model's config: hide it for this
+            # call, so EOS neither stops a row nor is masked (vLLM's ignore_eos: same log-probs).
+            self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
+        try:
+            sequences = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                generation_config=config, logits_processor=LogitsProcessorList([warper]),
+                tokenizer=self.tokenizer)
+        finally:
+            self.model.generation_config = model_config
         new = sequences[:, width:].cpu()
         logprobs = warper.finish(sequences).cpu()
         return [self._cut(prompt_index, new[row].tolist(), logprobs[row].tolist(), budget[row],
-                          spec.stop)
+                          spec.stop, spec.ignore_eos)
                 for row, (prompt_index, _) in enumerate(batch)]
 
     def _cut(self, prompt_index: int, ids: list[int], logprobs: list[float], budget: int,
-             stops: list[str]) -> RolloutOutput:
+             stops: list[str], ignore_eos: bool = False) -> RolloutOutput:
         """Trim a generated row at its end: EOS (kept), a stop string, or the token budget."""
         end, reason = budget, "length"
-        eos = next((i for i, t in enumerate(ids[:budget]) if t in self.eos_ids), None)
+        eos = None if ignore_eos else next(
+            (i for i, t in enumerate(ids[:budget]) if t in self.eos_ids), None)
         if eos is not None:
             end, reason = eos + 1, "stop"
 

@@ -138,7 +138,7 @@ class VLLMRollout(RolloutEngine):
         return SamplingParams(
             n=n, temperature=spec.temperature, top_p=spec.top_p, top_k=max(spec.top_k, 0),
             max_tokens=spec.max_tokens, stop=spec.stop or None, seed=spec.seed,
-            logprobs=0, detokenize=bool(spec.stop))  # text is only needed for stop strings
+            ignore_eos=spec.ignore_eos, logprobs=0, detokenize=bool(spec.stop))  # text is only needed for stop strings
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[RolloutOutput]:
         check_prompts(prompts, self.max_model_len)

@@ -16,6 +16,7 @@ from verlcli.algorithms import (
     rollout_correction,
 )
 from verlcli.data.batch import Batch
+from verlcli.trainer.metrics import agent_metrics
 
 
 def to_prompt_batch(cfg, items: list[dict], tokenizer, repeat: int, validation: bool, step: int = 0) -> Batch:
@@ -31,18 +32,37 @@ def to_prompt_batch(cfg, items: list[dict], tokenizer, repeat: int, validation: 
         },
         # No per-request seed: identical prompts with one seed would get identical samples,
         # and a GRPO group would have nothing to compare. Engines seed their own stream.
-        meta={"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k},
+        meta={"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+              "ignore_eos": cfg.rollout.ignore_eos and not validation},
     )
     if cfg.trainer.deterministic:  # engines restart their stream from this (+ rank) each call
         batch.meta["rng_seed"] = cfg.trainer.seed * 1_000_003 + (-1 if validation else step)
+    if cfg.rollout.multi_turn.enable:  # the agent loop renders the conversation from the messages
+        batch["prompt_messages"] = [it.get("messages") for it in items]
+    if any(it.get("tools") is not None for it in items):  # the dataset's per-prompt tools column
+        batch["tools"] = [it.get("tools") for it in items]
     return batch.repeat(repeat, interleave=True)
 
 
 def decode_responses(tokenizer, batch: Batch) -> list[str]:
+    """The text the reward scores: the model's LAST turn (its final answer). A single-turn
+    response is one turn. Multi-turn: earlier turns and the tool results are context, and a
+    number the calculator printed must not count as the model's answer."""
     out = []
     for ids, mask in zip(batch["responses"], batch["response_mask"]):
-        out.append(tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True))
+        start, end = last_model_turn(mask)
+        out.append(tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=True))
     return out
+
+
+def last_model_turn(mask: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of the last run of 1s in a row's loss mask (the model's last turn)."""
+    on = mask.nonzero()
+    if len(on) == 0:
+        return 0, 0
+    end = int(on[-1]) + 1
+    off = (mask[:end] == 0).nonzero()
+    return (int(off[-1]) + 1 if len(off) else 0), end
 
 
 def _rule_scores(cfg, w, batch: Batch, texts: list[str]) -> tuple[torch.Tensor, dict]:
@@ -67,14 +87,17 @@ def score(cfg, w, batch: Batch) -> tuple[Batch, dict]:
         rm = w.reward_model.compute_rm_scores(batch.union(Batch(non_tensors={"response_text": texts})))["rm_scores"]
         metrics["reward/model_mean"] = float(rm.mean())
         scores = scores + cfg.reward.model.weight * rm
-    lengths = batch["response_mask"].sum(-1)
+    # The whole trajectory counts against the budget; the reward goes on the model's last
+    # token (in a multi-turn response, inserted tool output may follow nothing the model wrote).
+    P = batch["prompts"].shape[1]
+    lengths = batch["attention_mask"][:, P:].sum(-1)
     if cfg.algorithm.overlong_buffer_tokens:
         pen = overlong_reward_penalty(lengths, cfg.data.max_response_tokens, cfg.algorithm.overlong_buffer_tokens,
                                       cfg.algorithm.overlong_penalty_factor)
         metrics["reward/overlong_penalty_mean"] = float(pen.mean())
         scores = scores + pen
     tls = torch.zeros_like(batch["response_mask"], dtype=torch.float32)
-    last = (lengths - 1).clamp(min=0)
+    last = torch.tensor([last_model_turn(m)[1] - 1 for m in batch["response_mask"]]).clamp(min=0)
     tls[torch.arange(len(batch)), last] = scores
     batch["scores"] = scores
     batch["token_level_scores"] = tls
@@ -89,7 +112,9 @@ def _greedy_baselines(cfg, w, batch: Batch) -> torch.Tensor:
     first = {}
     for i, uid in enumerate(batch["uid"]):
         first.setdefault(uid, i)
-    prompts = batch.index(list(first.values())).select(["prompt_ids", "data_source", "ground_truth", "extra_info", "uid"])
+    keep = [k for k in ("prompt_ids", "data_source", "ground_truth", "extra_info", "uid", "prompt_messages", "tools")
+            if k in batch]
+    prompts = batch.index(list(first.values())).select(keep)
     prompts.meta = {**batch.meta, "temperature": 0.0, "top_p": 1.0, "top_k": -1}
     greedy = w.actor.generate(prompts)
     g_scores, _ = _rule_scores(cfg, w, greedy, decode_responses(w.tokenizer, greedy))
@@ -137,6 +162,7 @@ def validate(cfg, w) -> dict:
     scores, m = _rule_scores(cfg, w, batch, decode_responses(w.tokenizer, batch))
     out = {"val/score/mean": float(scores.mean()), "val/reward_errors": m["reward/errors"],
            "val/response_length_mean": float(batch["response_mask"].float().sum(-1).mean())}
+    out.update(agent_metrics(batch, prefix="val/agent/"))  # multi-turn only
     by_ds = defaultdict(list)
     for ds, s in zip(batch["data_source"], scores.tolist()):
         by_ds[ds].append(s)

@@ -14,8 +14,16 @@ import torch
 
 from verlcli.data.batch import Batch
 from verlcli.distributed import Worker, register
+from verlcli.config.arithmetic import forward_token_budget
 from verlcli.workers import seq
 from verlcli.workers.losses import actor_micro_loss, critic_micro_loss, log_probs_and_sum_pi_squared, mean_metrics
+from verlcli.workers.micro import token_micro_batches
+
+
+def _packs(engine) -> bool:
+    """Whether the engine's log-prob/value forwards run packed rows (padding removal): then a
+    micro-batch costs its real tokens, else rows × its longest row (workers/micro.py)."""
+    return getattr(engine, "pack_mode", None) is not None
 
 
 class HybridWorker(Worker):
@@ -144,13 +152,22 @@ class HybridWorker(Worker):
 
         m = batch.meta
         spec = SamplingSpec(n=1, temperature=m["temperature"], top_p=m["top_p"], top_k=m["top_k"],
-                            max_tokens=self.cfg.data.max_response_tokens, stop=list(self.cfg.rollout.stop))
+                            max_tokens=self.cfg.data.max_response_tokens, stop=list(self.cfg.rollout.stop),
+                            ignore_eos=bool(m.get("ignore_eos", False)))
         prompts = [list(p) for p in batch["prompt_ids"]]
         if "rng_seed" in m:  # trainer.deterministic: this step's stream, whatever ran before
             # TP ranks of one engine sample in lockstep: one seed per engine, as at creation.
             tp = self.cfg.rollout.tensor_parallel_size
             self.rollout.reseed(int(m["rng_seed"]) + 1_000_003 * (self.rank // tp))
         self._rollout_mode()
+        if self.cfg.rollout.multi_turn.enable:  # tool-calling trajectories (workers/agent.py)
+            from verlcli.workers.agent import agent_generate, make_agent_loop
+
+            if getattr(self, "agent_loop", None) is None:
+                self.agent_loop = make_agent_loop(self.cfg, self.rollout, self.tokenizer)
+            out = agent_generate(self.agent_loop, batch, prompts, spec, self.pad_id, self.cfg)
+            self._trainer_mode()
+            return batch.union(out)
         outs = self.rollout.generate(prompts, spec)
         self._trainer_mode()
         rows = seq.build_rows(prompts, [o.response_ids for o in outs], [o.logprobs for o in outs], self.pad_id,
@@ -159,18 +176,26 @@ class HybridWorker(Worker):
         return batch.union(out)
 
     # ------------------------------------------------------------------ forward passes
-    def _forward_rows(self, batch: Batch, fn) -> list[torch.Tensor]:
+    def _forward_rows(self, batch: Batch, fn, pc, packed: bool) -> list[torch.Tensor]:
         """Run fn(inputs, r_keep) -> tuple of [b, r_keep] tensors over micro-batches; return
-        each output as a fixed-width [B, R] tensor."""
+        each output as a fixed-width [B, R] tensor, rows in the batch's order. Micro-batches:
+        the role's no-grad token budget (`pc`, workers/micro.py; `packed`: how the forward
+        pays), else twice its sequence count (no grads: bigger micro-batches)."""
         R = batch["responses"].shape[1]
         self._trainer_mode()
-        size = self.cfg.actor.micro_batch_sequences_per_device * 2  # no grads: bigger micro-batches
+        budget = forward_token_budget(pc)
+        if budget:
+            groups = token_micro_batches(batch["attention_mask"], R, budget, packed)
+        else:
+            size = pc.micro_batch_sequences_per_device * 2
+            groups = [list(range(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
         outs = []
         with torch.no_grad():
-            for micro in batch.chunks_of(size):
-                inputs, r_keep = seq.trim(micro)
+            for rows in groups:
+                inputs, r_keep = seq.trim(batch.index(rows))
                 outs.append([seq.pad_right(o.float().cpu(), R) for o in fn(inputs, r_keep)])
-        return [torch.cat(col) for col in zip(*outs)]
+        back = torch.argsort(torch.tensor([i for rows in groups for i in rows]))  # to the batch's order
+        return [torch.cat(col)[back] for col in zip(*outs)]
 
     @register(dispatch="dp")
     def compute_log_probs(self, batch: Batch) -> Batch:
@@ -178,21 +203,25 @@ class HybridWorker(Worker):
         only pays for entropy when it is a loss term)."""
         t = batch.meta.get("temperature", 1.0)
         if self.cfg.estimator_needs.sum_pi_squared:  # optimal token baseline: Σπ² too
-            lp, entropy, s2 = self._forward_rows(batch, lambda x, r: log_probs_and_sum_pi_squared(self.actor, x, r, t))
+            # Full logits of padded rows (never packed): budgeted as padded.
+            lp, entropy, s2 = self._forward_rows(
+                batch, lambda x, r: log_probs_and_sum_pi_squared(self.actor, x, r, t), self.cfg.actor, packed=False)
             return Batch({"old_log_probs": lp, "entropy": entropy, "sum_pi_squared": s2})
         lp, entropy = self._forward_rows(batch, lambda x, r: self.actor.log_probs(
-            **x, response_len=r, temperature=t, with_entropy=True))
+            **x, response_len=r, temperature=t, with_entropy=True), self.cfg.actor, _packs(self.actor))
         return Batch({"old_log_probs": lp, "entropy": entropy})
 
     @register(dispatch="dp")
     def compute_ref_log_probs(self, batch: Batch) -> Batch:
         t = batch.meta.get("temperature", 1.0)
-        [lp] = self._forward_rows(batch, lambda x, r: self.ref.log_probs(**x, response_len=r, temperature=t)[:1])
+        [lp] = self._forward_rows(batch, lambda x, r: self.ref.log_probs(**x, response_len=r, temperature=t)[:1],
+                                  self.cfg.actor, _packs(self.ref))
         return Batch({"ref_log_probs": lp})
 
     @register(dispatch="dp")
     def compute_values(self, batch: Batch) -> Batch:
-        [values] = self._forward_rows(batch, lambda x, r: (self.critic.values(**x, response_len=r),))
+        [values] = self._forward_rows(batch, lambda x, r: (self.critic.values(**x, response_len=r),),
+                                      self.cfg.critic, _packs(self.critic))
         return Batch({"values": values})
 
     # ------------------------------------------------------------------ updates
@@ -212,7 +241,12 @@ class HybridWorker(Worker):
                 mask = mini["response_mask"]
                 g_tokens = int(engine.all_reduce_sum(float(mask.sum())))
                 g_seqs = int(engine.all_reduce_sum(float((mask.sum(-1) > 0).sum())))
-                for micro in mini.chunks_of(pc.micro_batch_sequences_per_device):
+                if pc.micro_batch_tokens_per_device:  # filled up to a token budget (workers/micro.py)
+                    micros = [mini.index(rows) for rows in token_micro_batches(
+                        mini["attention_mask"], mask.shape[1], pc.micro_batch_tokens_per_device, _packs(engine))]
+                else:
+                    micros = mini.chunks_of(pc.micro_batch_sequences_per_device)
+                for micro in micros:
                     loss, m = micro_loss(engine, micro, self.cfg, g_tokens, g_seqs)
                     engine.backward(loss)  # this rank's share of the global mean
                     # 'sum:' metrics are this rank's share of the global mean; × dp size so the
