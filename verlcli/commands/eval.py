@@ -23,6 +23,9 @@ def command(
     reward_fn: Optional[str] = typer.Option(None, "--reward-fn", help="path.py:function scoring every response (default: the registry by data_source)."),
     reward_workers: int = typer.Option(2, "--reward-workers", help="Scoring processes (0 = in-process, no timeout)."),
     generations: Optional[str] = typer.Option(None, "--generations", help="Score this generations.jsonl again instead of generating."),
+    tool: Optional[List[str]] = typer.Option(None, "--tool", help="Multi-turn: a tool the model may call (repeat the flag): calculator, python, or path.py:function. --max-tokens then bounds the whole trajectory; the final answer is scored."),
+    max_turns: int = typer.Option(4, "--max-turns", help="Multi-turn (--tool): model turns per trajectory."),
+    tool_timeout_s: float = typer.Option(10.0, "--tool-timeout-s", help="Multi-turn (--tool): time limit of one tool call."),
 ):
     """Generate responses and score them: mean@n (± bootstrap standard error), pass@k (unbiased estimator), maj@n (majority vote over extracted answers), per data source.
 
@@ -37,6 +40,8 @@ def command(
       verl eval --model smollm2-135m-instruct --data data/arithmetic/test.parquet --engine hf --limit 50 --out evals/base
 
       verl eval --generations evals/base/generations.jsonl --reward-fn my_reward.py:compute_score --out evals/rescored
+
+      verl eval --model runs/tools/checkpoints/step_50 --data data/arithmetic_tools/test.parquet --tool calculator --max-turns 4
     """
     from rich.console import Console
 
@@ -45,9 +50,16 @@ def command(
     opts = EvalOptions(model=model, data=data, out=out, n=n, ks=list(k) if k else None, engine=engine,
                        temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
                        max_prompt_tokens=max_prompt_tokens, seed=seed, limit=limit, dtype=dtype,
-                       reward_fn=reward_fn, reward_workers=reward_workers, generations=generations)
+                       reward_fn=reward_fn, reward_workers=reward_workers, generations=generations,
+                       tools=list(tool) if tool else None, max_turns=max_turns, tool_timeout_s=tool_timeout_s)
     result = evaluate(opts)
     console = Console()
     console.print(metrics_table(result.metrics, title=f"eval: {model or generations}"))
+    if "agent" in result.info:
+        a = result.info["agent"]
+        console.print(f"agent: {a['answered_frac']:.0%} of trajectories answered, {a['turns_mean']:.2f} turns and "
+                      f"{a['tool_calls_per_trajectory']:.2f} tool calls each; per tool (ok/failed): "
+                      + (", ".join(f"{k} {v['ok']}/{v['failed']}" for k, v in a["tools"].items()) or "none"),
+                      markup=False, highlight=False)
     console.print(f"wrote {result.out / 'generations.jsonl'} and {result.out / 'metrics.json'}", markup=False,
                   highlight=False)

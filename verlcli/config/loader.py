@@ -260,6 +260,17 @@ def check_names(cfg: Config) -> None:
             "which algorithm.rollout_correction.bypass_mode=true skips",
             fix="set algorithm.rollout_correction.bypass_mode=false, or pick another estimator",
         )
+    mt = cfg.rollout.multi_turn
+    if mt.enable and not cfg.tools:
+        raise UserError("rollout.multi_turn.enable=true but no tools are configured",
+                        fix="name the tools the model may call, e.g. tools=[calculator] or tools=[python,my_tools.py:search]")
+    if mt.enable and cfg.rollout.ignore_eos:
+        raise UserError("rollout.ignore_eos=true with rollout.multi_turn.enable=true: a model turn would never end",
+                        fix="set rollout.ignore_eos=false for multi-turn runs")
+    if mt.enable and mt.max_tool_response_tokens >= cfg.data.max_response_tokens:
+        raise UserError(f"rollout.multi_turn.max_tool_response_tokens={mt.max_tool_response_tokens} leaves no room "
+                        f"in the trajectory budget data.max_response_tokens={cfg.data.max_response_tokens}",
+                        fix="raise data.max_response_tokens (the whole trajectory) or lower max_tool_response_tokens")
     if cfg.reward.fn:
         from verlcli.rewards.user import load_user_fn
 

@@ -70,6 +70,7 @@ def load_rl_dataset(files, tokenizer, prompt_key: str = "prompt", *, max_prompt_
             rm = (cols.get("reward_model") or [None] * n)[row]
             items.append({
                 "input_ids": None,
+                "messages": messages,  # the multi-turn agent loop renders conversations from them
                 "data_source": ds,
                 "ground_truth": rm.get("ground_truth") if isinstance(rm, dict) else None,
                 "extra_info": (cols.get("extra_info") or [None] * n)[row] or {},

@@ -55,6 +55,11 @@ class EvalOptions:
     generations: str | None = None    # score this file instead of generating
     pass_threshold: float = 1.0
     bootstrap: int = 1000
+    tools: list[str] | None = None    # multi-turn: the model may call these (agent loop); max_tokens = trajectory
+    max_turns: int = 4
+    tool_timeout_s: float = 10.0
+    tool_memory_mb: int = 1024
+    max_tool_response_tokens: int = 256
 
 
 @dataclass
@@ -194,6 +199,10 @@ def generate_rows(opts: EvalOptions, model_dir: Path) -> tuple[list[dict], dict]
     engine = make_rollout(opts.engine, str(model_dir), device=device, dtype=dtype,
                           max_model_len=max_len, seed=opts.seed)
     try:
+        if opts.tools:
+            return _agent_rows(opts, engine, tokenizer, items, spec), {
+                "engine": opts.engine, "device": device, "dtype": dtype, "num_prompts": len(items),
+                "tools": list(opts.tools), "max_turns": opts.max_turns}
         outputs = engine.generate([list(it["input_ids"]) for it in items], spec)
     finally:
         engine.shutdown()
@@ -212,6 +221,33 @@ def generate_rows(opts: EvalOptions, model_dir: Path) -> tuple[list[dict], dict]
         })
     rows.sort(key=lambda r: (r["prompt_id"], r["sample"]))
     return rows, {"engine": opts.engine, "device": device, "dtype": dtype, "num_prompts": len(items)}
+
+
+def _agent_rows(opts: EvalOptions, engine, tokenizer, items: list[dict], spec) -> list[dict]:
+    """Multi-turn: n tool-calling trajectories per prompt (the agent loop the trainer uses).
+    `response` is the final answer (the model's last turn, what the reward scores);
+    `trajectory` the whole conversation after the prompt, tool results included."""
+    from verlcli.rollout.agent_loop import AgentLoop
+    from verlcli.tools import make_tools, parser_for
+
+    tools = make_tools(list(opts.tools), timeout_s=opts.tool_timeout_s, memory_mb=opts.tool_memory_mb)
+    loop = AgentLoop(engine, tokenizer, tools, parser_for(tokenizer), budget_tokens=opts.max_tokens,
+                     max_turns=opts.max_turns, max_tool_response_tokens=opts.max_tool_response_tokens)
+    order = [(i, j) for i in range(len(items)) for j in range(opts.n)]
+    trajs = loop.run([list(items[i]["input_ids"]) for i, _ in order], [items[i]["messages"] for i, _ in order],
+                     [items[i].get("tools") for i, _ in order], spec)
+    rows = []
+    for (i, j), t in zip(order, trajs):
+        it = items[i]
+        rows.append({
+            "prompt_id": i, "sample": j, "index": it.get("index"), "data_source": it["data_source"],
+            "prompt": tokenizer.decode(list(it["input_ids"]), skip_special_tokens=False),
+            "response": t.final_text, "trajectory": tokenizer.decode(t.ids, skip_special_tokens=False),
+            "ground_truth": it.get("ground_truth"), "extra_info": it.get("extra_info"),
+            "finish_reason": t.finish, "response_tokens": len(t.ids), "turns": t.turns,
+            "tool_calls": [{"name": name, "ok": ok} for name, ok in t.calls],
+        })
+    return rows
 
 
 # ------------------------------------------------------------------ orchestration
@@ -256,6 +292,8 @@ def evaluate(opts: EvalOptions) -> EvalResult:
             rows, gen_info = generate_rows(opts, model_dir)
         info.update(gen_info, data=str(opts.data), temperature=opts.temperature, top_p=opts.top_p,
                     top_k=opts.top_k, max_tokens=opts.max_tokens)
+        if opts.tools:
+            info["agent"] = agent_summary(rows)
     rows = score_rows(rows, opts.reward_fn, opts.reward_timeout_s, opts.reward_workers, opts.pass_threshold)
     n = _samples_per_prompt(rows)
     too_big = [k for k in (opts.ks or []) if k > n]
@@ -272,6 +310,19 @@ def evaluate(opts: EvalOptions) -> EvalResult:
     write_generations(out / "generations.jsonl", rows)
     write_json_atomic(out / "metrics.json", {"metrics": metrics, "config": info})
     return EvalResult(metrics=metrics, rows=rows, out=out, info=info)
+
+
+def agent_summary(rows: list[dict]) -> dict:
+    """Multi-turn generations: how trajectories ended and what the tools did."""
+    calls: dict[str, list[int]] = {}
+    for r in rows:
+        for c in r.get("tool_calls") or []:
+            calls.setdefault(c["name"], [0, 0])[0 if c["ok"] else 1] += 1
+    n = max(len(rows), 1)
+    return {"answered_frac": sum(r.get("finish_reason") == "answer" for r in rows) / n,
+            "turns_mean": sum(r.get("turns", 1) for r in rows) / n,
+            "tool_calls_per_trajectory": sum(sum(v) for v in calls.values()) / n,
+            "tools": {name: {"ok": v[0], "failed": v[1]} for name, v in sorted(calls.items())}}
 
 
 def _samples_per_prompt(rows: list[dict]) -> int:

@@ -75,6 +75,31 @@ def data_metrics(batch: Batch, max_response_tokens: int) -> dict:
     if "values" in batch:
         out["critic/values_mean"] = _masked_mean(batch["values"], mask)
         out["critic/returns_mean"] = _masked_mean(batch["returns"], mask)
+    out.update(agent_metrics(batch))
+    return out
+
+
+def agent_metrics(batch: Batch, prefix: str = "agent/") -> dict:
+    """Multi-turn rollouts (workers/agent.py columns): turns per trajectory, tool calls and
+    failures per tool, how trajectories ended (answered_frac: with an answer, not cut short)."""
+    if "agent_turns" not in batch:
+        return {}
+    turns = np.asarray(batch["agent_turns"], dtype=float)
+    finish = list(batch["agent_finish"])
+    out = {f"{prefix}turns_mean": float(turns.mean()), f"{prefix}turns_max": float(turns.max()),
+           f"{prefix}answered_frac": float(np.mean([f == "answer" for f in finish])),
+           f"{prefix}inserted_tokens_mean": float(np.mean(np.asarray(batch["agent_inserted_tokens"], dtype=float)))}
+    for reason in sorted(set(finish)):
+        out[f"{prefix}finish/{reason}_frac"] = float(np.mean([f == reason for f in finish]))
+    calls, fails = defaultdict(int), defaultdict(int)
+    for row in batch["agent_calls"]:
+        for name, ok in row:
+            calls[name] += 1
+            fails[name] += 0 if ok else 1
+    out[f"{prefix}tool_calls_per_trajectory"] = float(sum(calls.values()) / max(len(turns), 1))
+    for name in sorted(calls):
+        out[f"{prefix}tool_calls/{name}"] = float(calls[name])
+        out[f"{prefix}tool_failures/{name}"] = float(fails[name])
     return out
 
 

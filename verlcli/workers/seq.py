@@ -21,14 +21,19 @@ from verlcli.data.batch import Batch
 
 
 def build_rows(prompt_ids: list[list[int]], responses: list[list[int]], logprobs: list[list[float]],
-               pad_id: int, prompt_width: int, response_width: int) -> dict[str, torch.Tensor]:
-    """Tensors for generated rows: prompts, responses, masks, position ids, rollout log-probs."""
+               pad_id: int, prompt_width: int, response_width: int,
+               loss_masks: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors for generated rows: prompts, responses, masks, position ids, rollout log-probs.
+
+    `loss_masks` (multi-turn): per response token, 1 where the policy sampled it, 0 where the
+    agent loop inserted it (tool results, template tokens); None = every token was sampled."""
     B = len(prompt_ids)
     prompts = torch.full((B, prompt_width), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((B, prompt_width), dtype=torch.long)
     resp = torch.full((B, response_width), pad_id, dtype=torch.long)
     resp_mask = torch.zeros((B, response_width), dtype=torch.long)
     rollout_lp = torch.zeros((B, response_width), dtype=torch.float32)
+    extent = torch.zeros((B, response_width), dtype=torch.long)  # every real response token
     for i, (p, r, lp) in enumerate(zip(prompt_ids, responses, logprobs)):
         p = p[-prompt_width:]
         r = r[:response_width]
@@ -37,9 +42,11 @@ def build_rows(prompt_ids: list[list[int]], responses: list[list[int]], logprobs
             prompt_mask[i, prompt_width - len(p):] = 1
         if r:
             resp[i, : len(r)] = torch.tensor(r)
-            resp_mask[i, : len(r)] = 1
-            rollout_lp[i, : len(r)] = torch.tensor(lp[: len(r)], dtype=torch.float32)
-    attention_mask = torch.cat([prompt_mask, resp_mask], dim=1)
+            extent[i, : len(r)] = 1
+            resp_mask[i, : len(r)] = 1 if loss_masks is None else torch.tensor(loss_masks[i][: len(r)])
+            # Inserted tokens carry log-prob 0: no sampling distribution stands behind them.
+            rollout_lp[i, : len(r)] = torch.tensor(lp[: len(r)], dtype=torch.float32) * resp_mask[i, : len(r)]
+    attention_mask = torch.cat([prompt_mask, extent], dim=1)
     return {
         "prompts": prompts,
         "responses": resp,
