@@ -20,6 +20,7 @@ DATASETS = {
     "math": "data_prep.math_dataset",
     "countdown": "data_prep.countdown",
     "arithmetic": "data_prep.arithmetic",
+    "arithmetic-tools": "data_prep.arithmetic_tools",
     "custom": "data_prep.custom",
 }
 
@@ -59,6 +60,7 @@ def prepare(name: str, out: str | Path | None = None, **options) -> dict:
     rows = {"train": len(splits.train), "test": len(splits.test)}
     if splits.sft_train is not None:
         rows.update(sft_train=len(splits.sft_train), sft_test=len(splits.sft_test or []))
+    rows.update({name: len(r) for name, r in splits.extra.items()})
     return {
         "out": out,
         "files": files,

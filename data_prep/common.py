@@ -7,7 +7,10 @@ RL schema (one row per prompt, the same as verl's preprocessing scripts write):
   ability       string
   reward_model  {style: "rule", ground_truth: string}
   extra_info    {split, index, ...}         dataset-specific (original question, answer, ...)
-SFT schema (`sft_train.parquet`, `sft_test.parquet`): prompt (the same chat list) + response.
+  tools         list<string>                optional: the tools a prompt may call (arithmetic-tools)
+SFT schema (`sft_train.parquet`, `sft_test.parquet`): prompt (the same chat list) + response;
+or, for multi-turn tool-use transcripts, messages (chat list with "tool" turns) + tools (JSON
+text of the function schemas offered).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class Splits:
     sft_train: list[dict] | None = None
     sft_test: list[dict] | None = None
     notes: list[str] = field(default_factory=list)
+    extra: dict[str, list[dict]] = field(default_factory=dict)  # more RL files: name -> rows
 
 
 @dataclass
@@ -202,6 +206,11 @@ def sft_row(prompt: list[dict], response: str) -> dict:
     return {"prompt": prompt, "response": response}
 
 
+def sft_conversation_row(messages: list[dict], tools_json: str) -> dict:
+    """A multi-turn SFT row: messages (with "tool" turns) + the JSON text of the tool schemas."""
+    return {"messages": messages, "tools": tools_json}
+
+
 def first_n(rows: list, n: int | None, what: str) -> list:
     if n is None:
         return rows
@@ -228,12 +237,19 @@ def _rl_table(rows: list[dict]):
         "ability": pa.array([r["ability"] for r in rows], pa.string()),
         "reward_model": pa.array([r["reward_model"] for r in rows], reward),
         "extra_info": pa.array(extra) if extra else pa.array([], pa.struct([("split", "string"), ("index", "int64")])),
+        **({"tools": pa.array([r.get("tools") for r in rows], pa.list_(pa.string()))}
+           if any("tools" in r for r in rows) else {}),
     })
 
 
 def _sft_table(rows: list[dict]):
     import pyarrow as pa
 
+    if rows and "messages" in rows[0]:
+        return pa.table({
+            "messages": pa.array([r["messages"] for r in rows], pa.list_(pa.struct(MESSAGE_FIELDS))),
+            "tools": pa.array([r["tools"] for r in rows], pa.string()),
+        })
     return pa.table({
         "prompt": pa.array([r["prompt"] for r in rows], pa.list_(pa.struct(MESSAGE_FIELDS))),
         "response": pa.array([r["response"] for r in rows], pa.string()),
@@ -249,6 +265,7 @@ def write_splits(out: str | Path, splits: Splits) -> dict[str, Path]:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file", fix="pass a directory path for --out")
     tables = {"train": _rl_table(splits.train), "test": _rl_table(splits.test)}
+    tables.update({name: _rl_table(rows) for name, rows in splits.extra.items()})
     if splits.sft_train is not None:
         tables["sft_train"] = _sft_table(splits.sft_train)
         tables["sft_test"] = _sft_table(splits.sft_test or [])

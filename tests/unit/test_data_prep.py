@@ -100,7 +100,7 @@ def test_gsm8k_sizes_and_comma_ground_truth(tmp_path):
 
 
 def test_unknown_name_lists_the_valid_ones(tmp_path):
-    with pytest.raises(UserError, match="unknown dataset 'gsm9k'; valid: gsm8k, math, countdown, arithmetic, custom"):
+    with pytest.raises(UserError, match="unknown dataset 'gsm9k'; valid: gsm8k, math, countdown, arithmetic, arithmetic-tools, custom"):
         prepare("gsm9k", out=tmp_path)
 
 
@@ -189,7 +189,7 @@ def test_math_local_source_boxed_ground_truth(tmp_path):
 
 
 def test_every_dataset_is_registered():
-    assert list(DATASETS) == ["gsm8k", "math", "countdown", "arithmetic", "custom"]
+    assert list(DATASETS) == ["gsm8k", "math", "countdown", "arithmetic", "arithmetic-tools", "custom"]
 
 
 def test_command_module_imports_nothing_heavy():

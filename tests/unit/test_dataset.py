@@ -41,7 +41,7 @@ def test_items_are_templated_and_tokenized(tok, arith):
     assert len(ds) == 12 and ds.data_sources == {"arithmetic": 12}
     row = pq.read_table(arith / "train.parquet").to_pylist()[3]
     item = ds[3]
-    assert set(item) == {"input_ids", "data_source", "ground_truth", "extra_info", "index"}
+    assert set(item) == {"input_ids", "messages", "data_source", "ground_truth", "extra_info", "index", "tools"}
     text = f"<|im_start|>user\n{row['prompt'][0]['content']}<|im_end|>\n<|im_start|>assistant\n"
     assert item["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
     assert item["ground_truth"] == row["reward_model"]["ground_truth"] and item["index"] == 3

@@ -8,7 +8,7 @@ import typer
 
 
 def command(
-    name: str = typer.Argument(..., help="gsm8k, math, countdown, arithmetic or custom."),
+    name: str = typer.Argument(..., help="gsm8k, math, countdown, arithmetic, arithmetic-tools or custom."),
     source: Optional[str] = typer.Option(None, "--source", help="Local raw data: a directory (gsm8k, math) or a file (custom). Without it, gsm8k/math load from the Hugging Face hub."),
     out: Optional[str] = typer.Option(None, "--out", help="Output directory [default: data/NAME]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for generated data and custom's test hold-out [default: 0]."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 from verlcli.data.parquet import as_file_list, check_chat_template, read_columns, render, to_messages
+from verlcli.data.tool_chat import render_chat
 from verlcli.errors import UserError
 
 TRUNCATION = ("error", "left", "right", "filter")
@@ -43,12 +44,17 @@ class RLDataset:
 
 
 def load_rl_dataset(files, tokenizer, prompt_key: str = "prompt", *, max_prompt_tokens: int,
-                    truncation: str = "error") -> RLDataset:
+                    truncation: str = "error", tool_schemas: dict[str, dict] | None = None) -> RLDataset:
     """Read, template and tokenize prompts; check the length limit (data.max_prompt_tokens).
 
     truncation: "error" (UserError naming the row), "left" (keep the last tokens, as verl),
     "right" (keep the first tokens), or "filter" (drop the prompt; counted in num_filtered,
     and a UserError when no prompt is left).
+
+    tools: an optional `tools` column lists the tool names each prompt may call; items carry it
+    as "tools" (None when the column or cell is absent: every configured tool). With
+    `tool_schemas` (name -> function schema, from verlcli.tools.tool_schemas) the prompt is
+    rendered with its tools offered (verlcli/data/tool_chat.py); without, tools are not shown.
     """
     if truncation not in TRUNCATION:
         raise UserError(f"data.truncation={truncation!r} is not one of {', '.join(TRUNCATION)}",
@@ -58,7 +64,7 @@ def load_rl_dataset(files, tokenizer, prompt_key: str = "prompt", *, max_prompt_
     items: list[dict] = []
     where: list[str] = []
     for path in files:
-        cols, n = read_columns(path, [prompt_key, "data_source"], ["reward_model", "extra_info"], "data")
+        cols, n = read_columns(path, [prompt_key, "data_source"], ["reward_model", "extra_info", "tools"], "data")
         texts = []
         for row in range(n):
             loc = f"{path}: row {row}"
@@ -66,7 +72,12 @@ def load_rl_dataset(files, tokenizer, prompt_key: str = "prompt", *, max_prompt_
             if not isinstance(ds, str) or not ds:
                 raise UserError(f"{loc}: data_source is {ds!r}", fix="every row needs a data_source string (it picks the reward)")
             messages = to_messages(cols[prompt_key][row], loc, prompt_key)
-            texts.append(render(tokenizer, messages, loc, add_generation_prompt=True))
+            tools = _row_tools((cols.get("tools") or [None] * n)[row], loc)
+            if tool_schemas is not None:
+                schemas = _schemas_for(tools, tool_schemas, loc)
+                texts.append(render_chat(tokenizer, messages, schemas, add_generation_prompt=True, where=loc))
+            else:
+                texts.append(render(tokenizer, messages, loc, add_generation_prompt=True))
             rm = (cols.get("reward_model") or [None] * n)[row]
             items.append({
                 "input_ids": None,
@@ -75,6 +86,7 @@ def load_rl_dataset(files, tokenizer, prompt_key: str = "prompt", *, max_prompt_
                 "ground_truth": rm.get("ground_truth") if isinstance(rm, dict) else None,
                 "extra_info": (cols.get("extra_info") or [None] * n)[row] or {},
                 "index": len(items),
+                "tools": tools,
             })
             where.append(loc)
         if texts:
@@ -86,6 +98,25 @@ def load_rl_dataset(files, tokenizer, prompt_key: str = "prompt", *, max_prompt_
     if truncation == "filter":
         return _filter_long(items, files, max_prompt_tokens)
     return RLDataset(items, files, _apply_limit(items, where, max_prompt_tokens, truncation))
+
+
+def _row_tools(cell, loc: str) -> list[str] | None:
+    if cell is None:
+        return None
+    if isinstance(cell, (list, tuple)) and all(isinstance(t, str) and t for t in cell):
+        return list(cell)
+    raise UserError(f"{loc}: the tools column holds {str(cell)[:80]!r}, not a list of tool names",
+                    fix='store the tools a prompt may use as a list of names, e.g. ["calculator"]')
+
+
+def _schemas_for(tools: list[str] | None, schemas: dict[str, dict], loc: str) -> list[dict]:
+    names = list(schemas) if tools is None else tools
+    unknown = [t for t in names if t not in schemas]
+    if unknown:
+        raise UserError(f"{loc}: the tools column names {', '.join(map(repr, unknown))}, which is not among "
+                        f"the configured tools ({', '.join(schemas) or 'none'})",
+                        fix="add it to the run's tools, or remove it from the dataset's tools column")
+    return [schemas[t] for t in names]
 
 
 def _filter_long(items: list[dict], files: list[str], limit: int) -> RLDataset:

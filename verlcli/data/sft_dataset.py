@@ -7,11 +7,19 @@ Qwen-style templates) is that turn's span, so the end-of-turn token is learned t
 conversation is then tokenized once, and a token is in the loss when its first character lies
 in an assistant span (no segment-by-segment tokenization that could split merges differently).
 loss_mask[i] = 1 means token i is an assistant token, i.e. predicting it from position i-1 counts.
+
+Tool-use transcripts: a `messages` row may hold role "tool" turns, and an optional `tools` column
+holds the JSON text of the function schemas offered; the conversation is then rendered with
+verlcli/data/tool_chat.py exactly as the multi-turn rollout renders it (tool calls are assistant
+text, so they are learned; tool results and the tool list are context).
 """
 
 from __future__ import annotations
 
+import json
+
 from verlcli.data.parquet import as_file_list, check_chat_template, column_names, read_columns, render, to_messages
+from verlcli.data.tool_chat import render_chat
 from verlcli.errors import UserError
 
 TRUNCATION = ("error", "right", "filter")
@@ -35,8 +43,8 @@ def load_sft_dataset(files, tokenizer, max_length: int, messages_key: str = "mes
     check_chat_template(tokenizer)
     out = SFTDataset()
     for path in as_file_list(files):
-        for loc, messages in _conversations(path, messages_key, prompt_key, response_key):
-            ids, mask = tokenize_conversation(tokenizer, messages, loc)
+        for loc, messages, tools in _conversations(path, messages_key, prompt_key, response_key):
+            ids, mask = tokenize_conversation(tokenizer, messages, loc, tools)
             if len(ids) > max_length:
                 if truncation == "error":
                     raise UserError(f"{loc} is {len(ids)} tokens, over sft.max_length_tokens={max_length}",
@@ -60,10 +68,11 @@ def load_sft_dataset(files, tokenizer, max_length: int, messages_key: str = "mes
 def _conversations(path: str, messages_key: str, prompt_key: str, response_key: str):
     names = column_names(path, "SFT data")
     if messages_key in names:
-        cols, n = read_columns(path, [messages_key], [], "SFT data")
+        cols, n = read_columns(path, [messages_key], ["tools"], "SFT data")
         for row in range(n):
             loc = f"{path}: row {row}"
-            yield loc, to_messages(cols[messages_key][row], loc, messages_key)
+            tools = _tool_schemas((cols.get("tools") or [None] * n)[row], loc)
+            yield loc, to_messages(cols[messages_key][row], loc, messages_key), tools
         return
     if prompt_key not in names or response_key not in names:
         raise UserError(
@@ -80,18 +89,40 @@ def _conversations(path: str, messages_key: str, prompt_key: str, response_key: 
             raise UserError(f"{loc}: {response_key!r} is {type(response).__name__}, not text",
                             fix="store the response as a string")
         prompt = to_messages(cols[prompt_key][row], loc, prompt_key)
-        yield loc, prompt + [{"role": "assistant", "content": response}]
+        yield loc, prompt + [{"role": "assistant", "content": response}], None
 
 
-def assistant_spans(tokenizer, messages: list[dict], loc: str) -> tuple[str, list[tuple[int, int]]]:
+def _tool_schemas(cell, loc: str) -> list[dict] | None:
+    """The `tools` cell: JSON text of a list of function schemas (None / "" = no tools)."""
+    if cell is None or cell == "":
+        return None
+    try:
+        schemas = json.loads(cell) if isinstance(cell, str) else None
+    except json.JSONDecodeError:
+        schemas = None
+    if not isinstance(schemas, list) or not all(isinstance(s, dict) for s in schemas):
+        raise UserError(f"{loc}: the tools column is not JSON text of a list of function schemas ({str(cell)[:80]!r})",
+                        fix='store tools as json.dumps([{"type": "function", "function": {...}}]), as '
+                            "`verl prepare-data arithmetic-tools` writes it")
+    return schemas
+
+
+def _render(tokenizer, messages: list[dict], loc: str, add_generation_prompt: bool, tools: list[dict] | None) -> str:
+    if tools is None and not any(m["role"] == "tool" for m in messages):
+        return render(tokenizer, messages, loc, add_generation_prompt=add_generation_prompt)
+    return render_chat(tokenizer, messages, tools, add_generation_prompt=add_generation_prompt, where=loc)
+
+
+def assistant_spans(tokenizer, messages: list[dict], loc: str,
+                    tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns."""
-    full = render(tokenizer, messages, loc, add_generation_prompt=False)
+    full = _render(tokenizer, messages, loc, False, tools)
     spans, search_from = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], loc, add_generation_prompt=True)
-        through = render(tokenizer, messages[: i + 1], loc, add_generation_prompt=False)
+        before = _render(tokenizer, messages[:i], loc, True, tools)
+        through = _render(tokenizer, messages[: i + 1], loc, False, tools)
         if through.startswith(before) and full.startswith(through):
             spans.append((len(before), len(through)))
         else:
@@ -106,12 +137,14 @@ def assistant_spans(tokenizer, messages: list[dict], loc: str) -> tuple[str, lis
     return full, spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], loc: str = "row") -> tuple[list[int], list[int]]:
-    """(input_ids, loss_mask) for one conversation; mask 1 on assistant tokens."""
+def tokenize_conversation(tokenizer, messages: list[dict], loc: str = "row",
+                          tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, loss_mask) for one conversation; mask 1 on assistant tokens. `tools`:
+    function schemas offered in the conversation (rendered by verlcli/data/tool_chat.py)."""
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{loc}: the conversation has no assistant message to learn from",
                         fix="each SFT row needs at least one assistant turn (or a response)")
-    text, spans = assistant_spans(tokenizer, messages, loc)
+    text, spans = assistant_spans(tokenizer, messages, loc, tools)
     if not getattr(tokenizer, "is_fast", False):
         return _tokenize_segments(tokenizer, text, spans)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
