@@ -173,8 +173,14 @@ def load_prompts(opts: EvalOptions, tokenizer) -> list[dict]:
 
     if not opts.data:
         raise UserError("no data to evaluate on", fix="pass --data FILE.parquet (or --generations FILE)")
+    schemas = None
+    if opts.tools:  # each prompt shows the tools it may call (data/tool_chat.py)
+        from verlcli.tools import make_tools, tool_schemas
+
+        tools = make_tools(list(opts.tools), timeout_s=opts.tool_timeout_s, memory_mb=opts.tool_memory_mb)
+        schemas = dict(zip(tools, tool_schemas(tools)))
     items = load_rl_dataset([opts.data], tokenizer, prompt_key=opts.prompt_key,
-                            max_prompt_tokens=opts.max_prompt_tokens, truncation="error")
+                            max_prompt_tokens=opts.max_prompt_tokens, truncation="error", tool_schemas=schemas)
     items = list(items)
     if opts.limit:
         items = items[: opts.limit]

@@ -195,6 +195,12 @@ def _load_data(cfg, kind: str, out: Checked) -> None:
     from verlcli.data.dataset import load_rl_dataset
 
     kw = dict(prompt_key=d.prompt_key, max_prompt_tokens=d.max_prompt_tokens, truncation=d.truncation)
+    if cfg.rollout.multi_turn.enable:  # each prompt shows the tools it may call (data/tool_chat.py)
+        from verlcli.tools import make_tools, tool_schemas
+
+        mt = cfg.rollout.multi_turn
+        tools = make_tools(list(cfg.tools), timeout_s=mt.tool_timeout_s, memory_mb=mt.tool_memory_mb)
+        kw["tool_schemas"] = dict(zip(tools, tool_schemas(tools)))
     out.train = load_rl_dataset(d.train_files, out.tokenizer, **kw)
     out.val = load_rl_dataset(d.val_files, out.tokenizer, **kw) if d.val_files else None
     for name, ds in (("train", out.train), ("val", out.val)):
