@@ -7,7 +7,7 @@ from verlcli.config.loader import load_config, parse_override, preset_names
 from verlcli.errors import UserError
 
 EXPECTED_PRESETS = {"qwen2.5-0.5b-1xH100", "qwen2.5-7b-8xH100", "qwen2.5-32b-4x8xH100",
-                    "llama3.1-8b-8xH100", "smollm2-135m-cpu", "tiny-cpu"}
+                    "llama3.1-8b-8xH100", "smollm2-135m-cpu", "smollm2-135m-tools", "tiny-cpu"}
 
 
 def test_expected_presets_ship():
