@@ -173,11 +173,12 @@ class AgentLoop:
 
     # ------------------------------------------------------------------ helpers
     def _render(self, messages: list[dict], names: list[str], add_generation_prompt: bool) -> str:
-        from verlcli.tools import tool_schemas
+        # render_chat: the template's own tool format, or verl's Hermes-style rendering for
+        # templates without one (the same function renders the dataset's prompts).
+        from verlcli.tools import render_chat, tool_schemas
 
         schemas = tool_schemas([self.tools[n] for n in names]) if names else None
-        return self.tok.apply_chat_template(messages, tools=schemas, add_generation_prompt=add_generation_prompt,
-                                            tokenize=False)
+        return render_chat(self.tok, messages, schemas, add_generation_prompt=add_generation_prompt)
 
     def _tool_messages(self, results: list) -> list[dict]:
         render = getattr(self.parser, "render_results", None)
