@@ -73,7 +73,11 @@ def test_local_directory_config_and_moe(tmp_path):
 
 
 def test_unknown_hub_id_offline_names_the_fix(monkeypatch, tmp_path):
+    from huggingface_hub import constants as hf_constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read at import time: without this, an earlier import makes the hub retry ~23 s offline
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(UserError) as e:
         load_shape("someone/not-a-shipped-model")
