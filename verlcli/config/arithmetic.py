@@ -26,6 +26,10 @@ class BatchPlan:
     grad_accum_steps: int
     sequences_per_device_per_mini_batch: int
     max_sequence_tokens: int
+    # Which micro-batch rule is in force (a token budget, or the sequence count): --dry-run.
+    actor_micro_batch: str = ""
+    actor_forward_micro_batch: str = ""
+    critic_micro_batch: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,12 +57,18 @@ def rl_plan(cfg: Config) -> BatchPlan:
             f"data.train_prompts_per_step={P} is smaller than the {dp} data-parallel workers",
             fix=f"set data.train_prompts_per_step to at least {dp}",
         )
+    T = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
     for role, pc in (("actor", a), ("critic", cfg.critic)) if cfg.use_critic else (("actor", a),):
-        _check_policy_batches(role, pc.mini_batch_prompts, pc.micro_batch_sequences_per_device, P, n, dp)
+        _check_token_budgets(role, pc, T)
+        # A token budget replaces the sequence count, and its divisibility rule with it.
+        micro = None if pc.micro_batch_tokens_per_device else pc.micro_batch_sequences_per_device
+        _check_policy_batches(role, pc.mini_batch_prompts, micro, P, n, dp)
     check_rollout_tp(cfg, model_config_json(cfg.model.path) if cfg.rollout.tensor_parallel_size > 1 else None)
     M = a.mini_batch_prompts
     mini_seqs = M * n
     per_dev = mini_seqs // dp
+    # With a token budget the count depends on the lengths: the worst case (every sequence T long).
+    per_micro = micro_sequences(a, T)
     return BatchPlan(
         prompts_per_step=P,
         responses_per_step=P * n,
@@ -67,10 +77,55 @@ def rl_plan(cfg: Config) -> BatchPlan:
         mini_batch_sequences=mini_seqs,
         optimizer_steps_per_step=(P // M) * a.epochs,
         micro_batch_sequences_per_device=a.micro_batch_sequences_per_device,
-        grad_accum_steps=per_dev // a.micro_batch_sequences_per_device,
+        grad_accum_steps=-(-per_dev // per_micro),
         sequences_per_device_per_mini_batch=per_dev,
-        max_sequence_tokens=cfg.data.max_prompt_tokens + cfg.data.max_response_tokens,
+        max_sequence_tokens=T,
+        actor_micro_batch=micro_batch_rule("actor", a),
+        actor_forward_micro_batch=micro_batch_rule("actor", a, forward=True),
+        critic_micro_batch=micro_batch_rule("critic", cfg.critic) if cfg.use_critic else "off (no critic)",
     )
+
+
+def forward_token_budget(pc) -> int | None:
+    """Token budget of a role's no-grad forwards, or None (sequence count in force)."""
+    if pc.forward_micro_batch_tokens_per_device:
+        return pc.forward_micro_batch_tokens_per_device
+    return 2 * pc.micro_batch_tokens_per_device if pc.micro_batch_tokens_per_device else None
+
+
+def micro_sequences(pc, seq_tokens: int, forward: bool = False) -> int:
+    """Sequences per micro-batch when every sequence is `seq_tokens` long (the worst case)."""
+    budget = forward_token_budget(pc) if forward else pc.micro_batch_tokens_per_device
+    if budget:
+        return max(budget // seq_tokens, 1)
+    return pc.micro_batch_sequences_per_device * (2 if forward else 1)
+
+
+def micro_batch_rule(role: str, pc, forward: bool = False) -> str:
+    """One line for --dry-run: what cuts this role's micro-batches."""
+    if forward:
+        if pc.forward_micro_batch_tokens_per_device:
+            return f"≤ {pc.forward_micro_batch_tokens_per_device} tokens ({role}.forward_micro_batch_tokens_per_device)"
+        if pc.micro_batch_tokens_per_device:
+            return f"≤ {2 * pc.micro_batch_tokens_per_device} tokens (2 × {role}.micro_batch_tokens_per_device)"
+        return f"{2 * pc.micro_batch_sequences_per_device} sequences (2 × {role}.micro_batch_sequences_per_device)"
+    if pc.micro_batch_tokens_per_device:
+        return f"≤ {pc.micro_batch_tokens_per_device} tokens ({role}.micro_batch_tokens_per_device)"
+    return f"{pc.micro_batch_sequences_per_device} sequences ({role}.micro_batch_sequences_per_device)"
+
+
+def _check_token_budgets(role: str, pc, T: int) -> None:
+    """A budget must hold the longest possible sequence: rows are never split across forwards."""
+    for key, budget in (("micro_batch_tokens_per_device", pc.micro_batch_tokens_per_device),
+                        ("forward_micro_batch_tokens_per_device", pc.forward_micro_batch_tokens_per_device)):
+        if budget is not None and budget < T:
+            works = T * pc.micro_batch_sequences_per_device
+            raise UserError(
+                f"{role}.{key}={budget} is smaller than the longest possible sequence: {T} tokens "
+                "(data.max_prompt_tokens + data.max_response_tokens)",
+                fix=f"set {role}.{key} to at least {T} (e.g. {works}: "
+                f"{pc.micro_batch_sequences_per_device} full-length sequences), or leave it unset",
+            )
 
 
 def model_config_json(path: str) -> dict | None:
@@ -135,7 +190,7 @@ def check_rollout_tp(cfg: Config, model_config: dict | None) -> None:
             fix=f"set rollout.tensor_parallel_size to one of: {', '.join(map(str, works))}")
 
 
-def _check_policy_batches(role: str, M: int, micro: int, P: int, n: int, dp: int) -> None:
+def _check_policy_batches(role: str, M: int, micro: int | None, P: int, n: int, dp: int) -> None:
     if P % M:
         raise UserError(
             f"data.train_prompts_per_step={P} is not divisible by {role}.mini_batch_prompts={M}",
@@ -149,7 +204,7 @@ def _check_policy_batches(role: str, M: int, micro: int, P: int, n: int, dp: int
             fix=f"make {role}.mini_batch_prompts × rollout.n a multiple of {dp}",
         )
     per_dev = seqs // dp
-    if per_dev % micro:
+    if micro and per_dev % micro:
         raise UserError(
             f"each device gets {per_dev} sequences per mini-batch ({role}.mini_batch_prompts={M} × "
             f"rollout.n={n} / {dp} devices), not divisible by {role}.micro_batch_sequences_per_device={micro}",

@@ -44,6 +44,13 @@ class ModelConfig(Section):
         description="Built-in name (smollm2-135m-instruct, tiny-qwen2), local HF directory, or hub id.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    remove_padding: Union[Literal["auto"], bool] = Field(
+        "auto", description="Pack each micro-batch's sequences into one row (per-sequence position "
+        "ids, attention kept inside each sequence) in every actor, reference and critic forward "
+        "(verl: use_remove_padding). auto = on (faster than padded rows in every measured case, "
+        "BENCHMARKS.md); false = padded rows trimmed to the longest. Megatron packs with a "
+        "block-diagonal mask; SFT has its own sft.packing.",
+    )
     trust_remote_code: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
@@ -121,7 +128,11 @@ class RolloutConfig(Section):
         "memory while the rollout generates (also on with actor.offload_*); a no-op on CPU.",
     )
     free_cache_engine: bool = Field(True, description="vLLM sleep/wake around training (GPU only).")
-    cpu_kvcache_gb: int = Field(1, ge=1, description="vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_kvcache_gb: float | None = Field(
+        None, gt=0, description="vLLM KV cache on CPU, GiB. Unset: sized from the job (rows per "
+        "engine × (max prompt + max response) tokens × layers × KV heads × head dim × 2 × dtype "
+        "bytes, at least one max-length sequence); the chosen size is in the worker's log.",
+    )
     val: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for validation.")
     multi_turn: MultiTurnConfig = Field(default_factory=MultiTurnConfig, description="Tool-calling agent rollouts.")
 

@@ -85,6 +85,19 @@ IGNORED = {
     "ray_init.": "Ray starts from resources.* (or RAY_ADDRESS)", "trainer.critic_warmup=0": "no warm-up is the only mode",
     "data.return_raw_chat": "not needed", "actor_rollout_ref.hybrid_engine": "always hybrid",
 }
+# Token-budget micro-batches: verl reads these only while the role's use_dynamic_bsz flag is on
+# (the log-prob passes and the critic follow the actor's flag unless they set their own).
+REF = "actor_rollout_ref.ref."
+DYNAMIC_FLAGS = {A: A + "use_dynamic_bsz", R: R + "log_prob_use_dynamic_bsz",
+                 REF: REF + "log_prob_use_dynamic_bsz", C: C + "use_dynamic_bsz"}
+TOKEN_BUDGETS = {
+    A + "ppo_max_token_len_per_gpu": (A, "actor.micro_batch_tokens_per_device"),
+    R + "log_prob_max_token_len_per_gpu": (R, "actor.forward_micro_batch_tokens_per_device"),
+    REF + "log_prob_max_token_len_per_gpu": (REF, "actor.forward_micro_batch_tokens_per_device"),
+    C + "ppo_max_token_len_per_gpu": (C, "critic.micro_batch_tokens_per_device"),
+    C + "forward_max_token_len_per_gpu": (C, "critic.forward_micro_batch_tokens_per_device"),
+}
+VERL_DEFAULT_BUDGET = {A: 16384, C: 32768}  # verl's ppo_max_token_len_per_gpu defaults
 ENGINES = {"vllm": "vllm", "hf": "hf"}
 LOGGERS = {"console": "console", "wandb": "wandb", "tensorboard": "tensorboard"}
 
@@ -134,6 +147,8 @@ def translate(overrides: list[str]) -> Translation:
 
 def _map(key: str, value: str, values: dict, t: Translation):
     v = value.strip()
+    if key in DYNAMIC_FLAGS.values() or key in TOKEN_BUDGETS:
+        return _token_budget(key, v, values, t)
     if key == "actor_rollout_ref.actor.clip_ratio":  # one value for both sides
         t.overrides.append(f"actor.clip_ratio_low={v}")
         return "actor.clip_ratio_high", v
@@ -170,3 +185,28 @@ def _map(key: str, value: str, values: dict, t: Translation):
             return None
     t.unmapped.append(f"{key}={value}")
     return None
+
+
+def _dynamic(prefix: str, values: dict) -> bool:
+    flag = values.get(DYNAMIC_FLAGS[prefix], values.get(DYNAMIC_FLAGS[A], "False"))
+    return flag.strip().lower() == "true"
+
+
+def _token_budget(key: str, v: str, values: dict, t: Translation):
+    """use_dynamic_bsz + *_max_token_len_per_gpu → our *micro_batch_tokens_per_device keys."""
+    if key in TOKEN_BUDGETS:
+        prefix, ours = TOKEN_BUDGETS[key]
+        if not _dynamic(prefix, values):
+            t.ignored.append((key, "use_dynamic_bsz is off, so verl ignores it too"))
+            return None
+        return ours, v
+    if key == DYNAMIC_FLAGS[A] and _dynamic(A, values):
+        budget = values.get(A + "ppo_max_token_len_per_gpu", str(VERL_DEFAULT_BUDGET[A])).strip()
+        if not any(TOKEN_BUDGETS.get(k, ("",))[0] in (R, REF) for k in values):
+            # verl's log-prob passes default to the actor's budget (ours: twice it)
+            t.overrides.append(f"actor.forward_micro_batch_tokens_per_device={budget}")
+        if A + "ppo_max_token_len_per_gpu" not in values:  # on, with verl's default budget
+            return "actor.micro_batch_tokens_per_device", budget
+    if key == DYNAMIC_FLAGS[C] and _dynamic(C, values) and C + "ppo_max_token_len_per_gpu" not in values:
+        return "critic.micro_batch_tokens_per_device", str(VERL_DEFAULT_BUDGET[C])
+    return None  # a flag: read with the budgets

@@ -6,7 +6,10 @@ turns one driver call into one call per rank:
 - ``dp``    the first positional argument (or ``batch=``) is a `Batch`: pad it to a multiple of
             the world size, split it into equal contiguous chunks, rank r gets chunk r. Batch
             results are concatenated in rank order and the padding rows are dropped, so the
-            driver gets back exactly one output row per input row, in order. Other results
+            driver gets back exactly one output row per input row, in order. A batch with an
+            `attention_mask` is first reordered so the chunks hold about the same number of
+            tokens (balance.py; `meta["dp_blocks"]` = contiguous mini-batches balanced one by
+            one); the results are put back in the caller's row order. Other results
             (metrics dicts, None, ...) come back as a list, one per rank.
             When the training engine's data-parallel slices span several ranks (Megatron
             tensor parallelism: the group's `dp_group_size` consecutive ranks share one
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from verlcli.data.batch import Batch
+from verlcli.distributed.balance import dp_order, imbalance
 
 DISPATCH_MODES = ("dp", "replica", "all", "rank0")
 COLLECT_MODES = ("list", "rank0", "concat")
@@ -49,6 +53,7 @@ class CallPlan:
     pad: int = 0
     padded_rows: int = 0
     replica: int = 1  # ranks per replica: results are taken from every replica-th rank
+    order: tuple[int, ...] | None = None  # the padded rows in the order they were sent
 
 
 def register(fn: Callable | None = None, *, dispatch: str = "dp", collect=None):
@@ -94,9 +99,22 @@ def split_call(spec: DispatchSpec, world: int, args: tuple, kwargs: dict, method
     batch, put_back = _find_batch(args, kwargs, method)
     groups = world // replica
     padded, pad = batch.pad_to_divisor(groups)
+    order = balanced_order(padded, groups) if spec.mode == "dp" else None
+    if order is not None:
+        padded = padded.index(list(order))
     chunks = [put_back(chunk) for chunk in padded.split(groups)]
     per_rank = [chunks[r // replica] for r in range(world)]  # a replica's ranks: one chunk
-    return per_rank, CallPlan("dp", world, pad, len(padded), replica)
+    return per_rank, CallPlan("dp", world, pad, len(padded), replica, order)
+
+
+def balanced_order(batch: Batch, groups: int) -> tuple[int, ...] | None:
+    """The token-balanced row order for `groups` data-parallel chunks, or None (one chunk,
+    or no attention mask to count tokens by)."""
+    mask = batch.tensors.get("attention_mask")
+    if groups < 2 or mask is None:
+        return None
+    costs = mask.sum(-1).tolist()  # real tokens: what a packed forward pays for
+    return tuple(dp_order(costs, groups, int(batch.meta.get("dp_blocks", 1))))
 
 
 def dp_group_size(coords: list, group: str = "workers") -> int:
@@ -144,6 +162,8 @@ def collect_results(spec: DispatchSpec, plan: CallPlan, results: list, method: s
 
 def _concat_unpad(results: list[Batch], plan: CallPlan, method: str) -> Batch:
     out = Batch.concat(results)
+    if plan.order is not None:
+        out = out.index(_inverse(plan.order, len(out), method))
     if plan.mode != "dp" or plan.pad == 0:
         return out
     # The padding rows are the last `pad` input rows (pad_to_divisor appends them and split is
@@ -157,3 +177,33 @@ def _concat_unpad(results: list[Batch], plan: CallPlan, method: str) -> Batch:
             "removed; return k rows per input row, or send a batch divisible by the world size"
         )
     return out.unpad(plan.pad * (rows // plan.padded_rows))
+
+
+def with_blocks(batch: Batch, blocks: int) -> Batch:
+    """The same rows (no copy), marked as `blocks` contiguous mini-batches for the balanced split."""
+    return Batch(batch.tensors, batch.non_tensors, {**batch.meta, "dp_blocks": int(blocks)})
+
+
+def balance_metrics(batch: Batch, groups: int) -> dict:
+    """Tokens per data-parallel rank, max / mean (1 = even), of the split a `dp` call of this
+    batch gets, and of plain contiguous chunks for comparison."""
+    padded, _ = batch.pad_to_divisor(groups)
+    order = balanced_order(padded, groups)
+    if order is None:
+        return {}
+    costs = padded["attention_mask"].sum(-1).tolist()
+    return {"perf/dp_token_imbalance": imbalance(costs, groups, order),
+            "perf/dp_token_imbalance_contiguous": imbalance(costs, groups)}
+
+
+def _inverse(order: tuple[int, ...], rows: int, method: str) -> list[int]:
+    """Output positions that put the results of reordered rows back in input order (k output
+    rows per input row, kept together, as for unpadding)."""
+    if rows % len(order):
+        raise ValueError(f"{method}(): the ranks returned {rows} rows for {len(order)} input rows, "
+                         "not a whole multiple, so they cannot be put back in order")
+    k = rows // len(order)
+    where = [0] * len(order)
+    for sent, original in enumerate(order):
+        where[original] = sent
+    return [where[i] * k + t for i in range(len(order)) for t in range(k)]

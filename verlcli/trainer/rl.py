@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from verlcli.config.arithmetic import check_resources, check_rollout_tp, model_config_json, rl_plan
 from verlcli.config.loader import to_yaml
+from verlcli.distributed.dispatch import balance_metrics, with_blocks
 from verlcli.trainer import run_dir as rd
 from verlcli.trainer.guards import NonFiniteGuard
 from verlcli.trainer.loggers import Tracker
@@ -23,6 +24,12 @@ def check_model_tp(cfg) -> None:
         from verlcli.models.resolve import resolve_model
 
         check_rollout_tp(cfg, model_config_json(str(resolve_model(cfg.model.path))))
+
+
+def mini_batches(cfg, batch, pc):
+    """The batch marked as its optimizer steps' contiguous mini-batches: the `dp` split balances
+    each one's tokens over the ranks on its own (verlcli/distributed/balance.py)."""
+    return with_blocks(batch, cfg.data.train_prompts_per_step // pc.mini_batch_prompts)
 
 
 def run_rl(cfg) -> dict:
@@ -79,9 +86,11 @@ def run_rl(cfg) -> dict:
             metrics = {}
             if cfg.use_critic:
                 with timer("update_critic"):
-                    metrics.update(average(w.critic.update_critic(batch)))
+                    metrics.update(average(w.critic.update_critic(mini_batches(cfg, batch, cfg.critic))))
+            update = mini_batches(cfg, batch, cfg.actor)  # each optimizer step balanced over the ranks
+            metrics.update(balance_metrics(update, w.actor.world_size // w.actor.dp_group_size))
             with timer("update_actor"):
-                metrics.update(average(w.actor.update_actor(batch)))
+                metrics.update(average(w.actor.update_actor(update)))
             with timer("sync_weights"):
                 metrics.update(w.actor.sync_weights()[0])
             if cfg.trainer.val_every and step % cfg.trainer.val_every == 0 and w.val_data is not None:

@@ -12,10 +12,10 @@ import os
 
 import torch
 
+from verlcli.config.arithmetic import forward_token_budget
 from verlcli.data.batch import Batch
 from verlcli.distributed import Worker, register
-from verlcli.config.arithmetic import forward_token_budget
-from verlcli.workers import seq
+from verlcli.workers import malloc, seq
 from verlcli.workers.losses import actor_micro_loss, critic_micro_loss, log_probs_and_sum_pi_squared, mean_metrics
 from verlcli.workers.micro import token_micro_batches
 
@@ -42,7 +42,7 @@ class HybridWorker(Worker):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         common = dict(device=self.device_type, compute_dtype=cfg.resources.compute_dtype,
                       gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.trainer.seed,
-                      trust_remote_code=cfg.model.trust_remote_code)
+                      trust_remote_code=cfg.model.trust_remote_code, remove_padding=cfg.model.remove_padding)
         def optimizer_steps(pc):  # over the whole run, for the lr schedule
             return total_steps * (cfg.data.train_prompts_per_step // pc.mini_batch_prompts) * pc.epochs
 
@@ -94,16 +94,28 @@ class HybridWorker(Worker):
             dtype = "bfloat16" if resolve_compute_dtype(self.device_type, self.cfg.resources.compute_dtype) == torch.bfloat16 else "float32"
         self.rollout_dtype = getattr(torch, dtype)
         tp = r.tensor_parallel_size
+        kv = self._cpu_kv_cache(path)
         self.rollout = make_rollout(
             r.engine, path, device=self.device_type, dtype=dtype,
             max_model_len=d.max_prompt_tokens + d.max_response_tokens + 8,
             # The TP ranks of one engine sample in lockstep: same seed, same prompts.
             seed=self.cfg.trainer.seed + self.rank // tp, gpu_memory_utilization=r.gpu_memory_utilization,
-            cpu_kvcache_gb=r.cpu_kvcache_gb, enable_sleep=self.sleeps, tensor_parallel_size=tp,
+            cpu_kvcache_gb=kv.gib, enable_sleep=self.sleeps, tensor_parallel_size=tp,
             trust_remote_code=self.cfg.model.trust_remote_code,
         )
         if self.sleeps:
             self.rollout.sleep()
+
+    def _cpu_kv_cache(self, path: str):
+        """The CPU vLLM KV cache: resident for the whole run, so sized from the job unless
+        rollout.cpu_kvcache_gb says (verlcli.config.kv_cache)."""
+        from verlcli.config.kv_cache import cpu_kv_cache
+        from verlcli.models.shape import load_shape
+
+        kv = cpu_kv_cache(self.cfg, load_shape(path), self.rollout_dtype.itemsize)
+        if self.cfg.rollout.engine == "vllm" and self.device_type == "cpu" and self.rank == 0:
+            print(f"vLLM KV cache: {kv.describe()}", flush=True)
+        return kv
 
     # ------------------------------------------------------------------ memory modes
     # GPU order (verl's hybrid engine, slime): update → sync buckets → offload trainer → wake
@@ -142,6 +154,7 @@ class HybridWorker(Worker):
             self.rollout.wake(tags=["weights"])  # the KV cache stays freed while we stream
         buckets = self.actor.weight_buckets(self.cfg.rollout.sync_bucket_mb << 20, self.rollout_dtype)
         stats = self.rollout.sync_weight_buckets(buckets)
+        malloc.trim("sync")  # the reload's per-layer copies: freed, but kept by glibc (workers/malloc.py)
         self._rollout_mode()
         return {f"sync/{k.removeprefix('sync_')}": v for k, v in stats.items()}
 
@@ -169,6 +182,7 @@ class HybridWorker(Worker):
             self._trainer_mode()
             return batch.union(out)
         outs = self.rollout.generate(prompts, spec)
+        malloc.trim("generate")
         self._trainer_mode()
         rows = seq.build_rows(prompts, [o.response_ids for o in outs], [o.logprobs for o in outs], self.pad_id,
                               self.cfg.data.max_prompt_tokens, self.cfg.data.max_response_tokens)
@@ -195,6 +209,7 @@ class HybridWorker(Worker):
                 inputs, r_keep = seq.trim(batch.index(rows))
                 outs.append([seq.pad_right(o.float().cpu(), R) for o in fn(inputs, r_keep)])
         back = torch.argsort(torch.tensor([i for rows in groups for i in rows]))  # to the batch's order
+        malloc.trim("forward")
         return [torch.cat(col)[back] for col in zip(*outs)]
 
     @register(dispatch="dp")
@@ -253,6 +268,7 @@ class HybridWorker(Worker):
                     # driver's average over ranks gives the global value.
                     metrics.append({k: v * engine.dp_size if k.startswith("sum:") else v for k, v in m.items()})
                 metrics.append(engine.step())
+        malloc.trim("update")  # activations, logits and grads of every size: back to the OS
         return mean_metrics(metrics)
 
     @register(dispatch="dp")
@@ -281,6 +297,11 @@ class HybridWorker(Worker):
             if engine is not None:
                 extra = engine.load_checkpoint(os.path.join(step_dir, role))
         return extra
+
+    def memory(self) -> dict:
+        """Worker.memory + this process's RSS at the end of each phase and what trimming the
+        allocator released there (workers/malloc.py)."""
+        return {**super().memory(), **malloc.last}
 
     def shutdown(self):
         # vLLM's shutdown tears down the default process group: it goes last.
