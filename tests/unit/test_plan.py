@@ -22,6 +22,7 @@ from verlcli.config.plan import (
     phase_bytes,
     state_bytes,
 )
+from verlcli.config.kv_cache import auto_kv_cache_bytes, cpu_kv_cache, engine_rows
 from verlcli.config.plan_fixes import fixes, with_overrides
 from verlcli.errors import UserError
 from verlcli.models.shape import load_shape, shape_from_config, shipped_config
@@ -115,19 +116,38 @@ def test_activation_and_logit_terms_by_hand():
 
 
 def test_tiny_cpu_plan_terms_by_hand():
-    cfg = _cfg("tiny-cpu")  # 2 workers, fp32, micro 2, 128+24 tokens, vLLM KV 1 GiB
+    cfg = _cfg("tiny-cpu")  # 2 workers, fp32, micro 2, 128+24 tokens, vLLM KV sized from the job
     plan = memory_plan(cfg, "grpo", load_shape("tiny-qwen2"), "cpu")
     n = TINY.params
     assert _term(plan, "actor", "params").bytes == 4 * n / 2
     assert _term(plan, "actor", "grads").bytes == 4 * n / 2
     assert _term(plan, "actor", "AdamW").bytes == 8 * n / 2
     assert _term(plan, "actor", "activations").bytes == 4 * 2 * 152 * 9_728
-    assert _term(plan, "rollout", "vLLM KV").bytes == GiB
+    # 4 prompts × n=4 over 2 engines = 8 rows × 2 blocks of 128 tokens, + vLLM's null block
+    assert _term(plan, "rollout", "vLLM KV").bytes == 17 * 128 * 2048
     assert _term(plan, "rollout", "vLLM weights").bytes == 4 * n
-    assert plan.kv_tokens == GiB // 2048
+    assert plan.kv_tokens == 17 * 128
     # CPU: the node is the device; every worker process + driver, Ray, reward pool
     assert plan.peaks["update"] == 2 * plan.per_device["update"] + sum(plan.node_terms.values())
     assert plan.fits
+
+
+def test_cpu_kv_cache_is_sized_from_the_job():
+    smol = load_shape("smollm2-135m-instruct")  # 30 layers, 3 KV heads × 64
+    assert kv_bytes_per_token(smol, 1, 4) == 2 * 30 * 3 * 64 * 4 == 46_080
+    cfg = _cfg("smollm2-135m-cpu")  # 8 prompts × n=4 on one engine, 192 + 64 tokens
+    kv = cpu_kv_cache(cfg, smol, 4)
+    assert kv.auto and (kv.rows, kv.tokens_per_row) == (32, 256)
+    assert kv.bytes == (32 * 2 + 1) * 128 * 46_080  # 65 blocks: 0.36 GiB instead of 1 GiB
+    # An explicit size is honoured as given, fractions of a GiB included.
+    assert cpu_kv_cache(_cfg("smollm2-135m-cpu", "rollout.cpu_kvcache_gb=1"), smol, 4).bytes == GiB
+    assert cpu_kv_cache(_cfg("smollm2-135m-cpu", "rollout.cpu_kvcache_gb=0.5"), smol, 4).bytes == GiB // 2
+    # TP=2 engines: half the KV heads per rank, the rows of 2 ranks on each engine.
+    tp = cpu_kv_cache(_cfg("tiny-cpu", "rollout.tensor_parallel_size=2"), TINY, 4)
+    assert (tp.rows, tp.bytes) == (16, (16 * 2 + 1) * 128 * 1024)
+    # The floor vLLM accepts: one max_model_len sequence (+ the null block), however few rows.
+    assert engine_rows(1, 1, 4, 1) == 1
+    assert auto_kv_cache_bytes(1, 40, 300, 100) == (3 + 1) * 128 * 100
 
 
 def test_phases_on_gpu_follow_the_memory_modes():

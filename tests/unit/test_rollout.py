@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from verlcli.config.kv_cache import auto_kv_cache_bytes, kv_bytes_per_token
 from verlcli.errors import UserError
+from verlcli.models.shape import load_shape
 from verlcli.models.resolve import resolve_model
 from verlcli.rollout import SamplingSpec, make_rollout
 
@@ -64,8 +66,11 @@ def vllm_engine(tiny):
         pytest.skip(f"vllm not importable: {e}")
     torch.manual_seed(123)
     before = _rng_snapshot()
+    # The smallest KV cache verl ever asks for (config/kv_cache.py: one max-length sequence +
+    # the null block, 0.75 MiB here): vLLM must accept it and queue what does not fit.
+    floor = auto_kv_cache_bytes(1, 1, MAX_LEN, kv_bytes_per_token(load_shape(tiny), 1, 4))
     engine = make_rollout("vllm", tiny, device="cpu", dtype="float32", max_model_len=MAX_LEN,
-                          seed=0, cpu_kvcache_gb=1)
+                          seed=0, cpu_kvcache_gb=floor / 2**30)
     engine.caller_rng_kept = _same_rng(before, _rng_snapshot())
     yield engine
     engine.shutdown()

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from verlcli.config.arithmetic import rl_plan, sft_plan
+from verlcli.config.kv_cache import cpu_kv_cache
 from verlcli.config.schema import Config
 from verlcli.models.shape import ModelShape, divides_heads, kv_heads_per_rank
 
@@ -341,9 +342,11 @@ def _rollout_terms(ctx: _Ctx, device_mem: float, problems: list[str]) -> tuple[l
                  Term("rollout", f"vLLM KV cache + reserve (util {r.gpu_memory_utilization})",
                       max(kv, 0) + VLLM_GPU_RESERVE, ("rollout",) if ctx.sleeps else every)]
     else:
-        kv = math.ceil(r.cpu_kvcache_gb) * GiB
+        size = cpu_kv_cache(cfg, s, eb)  # what the worker allocates (config/kv_cache.py)
+        kv = size.bytes
+        label = f"{size.rows} rows × {size.tokens_per_row} tok" if size.auto else "cpu_kvcache_gb"
         terms = [Term("rollout", f"vLLM weights ({'bf16' if eb == 2 else 'fp32'})", weights, every),
-                 Term("rollout", "vLLM KV cache (cpu_kvcache_gb)", kv, every),
+                 Term("rollout", f"vLLM KV cache ({label})", kv, every),
                  Term("rollout", "vLLM runtime", CPU_VLLM_RUNTIME, every)]
     kv_tokens = int(max(kv, 0) // kv_tok)
     if kv_tokens < max_len:

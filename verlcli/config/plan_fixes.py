@@ -3,7 +3,10 @@ planning again, that make it fit (single changes first, nearest the current valu
 
 from __future__ import annotations
 
-from verlcli.config.plan import Plan, memory_plan
+import math
+
+from verlcli.config.kv_cache import cpu_kv_cache
+from verlcli.config.plan import Plan, memory_plan, rollout_bytes
 from verlcli.config.schema import Config
 from verlcli.models.shape import ModelShape, divides_heads
 
@@ -43,8 +46,12 @@ def _candidates(cfg: Config, kind: str, shape: ModelShape, gpu: bool) -> list[di
             out += [{"rollout.tensor_parallel_size": t} for t in (2, 4, 8)
                     if t > r.tensor_parallel_size and t <= cfg.resources.devices_per_node
                     and cfg.world_size % t == 0 and divides_heads(shape, t)]
-        elif r.cpu_kvcache_gb > 1:
-            out.append({"rollout.cpu_kvcache_gb": 1})
+        elif r.cpu_kvcache_gb is not None:  # an explicit size: what the job itself needs
+            auto = cpu_kv_cache(with_overrides(cfg, {"rollout.cpu_kvcache_gb": None}), shape,
+                                rollout_bytes(cfg, "cpu"))
+            need = math.ceil(auto.gib * 100) / 100
+            if need < r.cpu_kvcache_gb:
+                out.append({"rollout.cpu_kvcache_gb": need})
     out += [{"resources.nodes": cfg.resources.nodes * k} for k in (2, 4, 8)]
     return out
 

@@ -100,6 +100,8 @@ class Worker:
         import resource
 
         out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        with open("/proc/self/statm") as f:  # RSS now: a creep across steps shows here, not in the peak
+            out["mem/rss_gb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
         if self.device_type == "cuda":
             out["mem/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -46,12 +45,13 @@ def checkpoint_facts(model_path: str | os.PathLike) -> tuple[bool, set[str]]:
     return tied, names
 
 
-def _set_env(on_gpu: bool, cpu_kvcache_gb: float) -> None:
+def _set_env(on_gpu: bool) -> None:
     # In-process engine on both device kinds: weight sync hands over tensors, not messages.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if not on_gpu:
-        # vLLM reads this as whole GiB and it overrides kv_cache_memory_bytes on CPU.
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cpu_kvcache_gb)))
+        # vLLM reads this as whole GiB and it would override kv_cache_memory_bytes (which takes
+        # any size: a job that needs 0.3 GiB gets 0.3, not 1); cpu_kvcache_gb decides.
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 
 
 def _dtype_name(dtype) -> str:
@@ -85,7 +85,7 @@ class VLLMRollout(RolloutEngine):
         import torch.distributed as dist
 
         self.on_gpu = str(device).startswith("cuda")
-        _set_env(self.on_gpu, cpu_kvcache_gb)
+        _set_env(self.on_gpu)
         try:
             from vllm import LLM  # after _set_env: some settings are read at import
         except ImportError as e:
@@ -116,6 +116,8 @@ class VLLMRollout(RolloutEngine):
                 kwargs["distributed_executor_backend"] = "external_launcher"
         else:
             kwargs["enforce_eager"] = True  # no torch.compile / graphs on CPU
+            # Allocated (and zeroed: resident) at start-up for the whole run.
+            kwargs["kv_cache_memory_bytes"] = int(cpu_kvcache_gb * 2**30)
         if tensor_parallel_size > 1:
             if not self._caller_world:
                 raise RuntimeError("tensor_parallel_size > 1 runs inside the caller's process "

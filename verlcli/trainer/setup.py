@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +18,14 @@ from verlcli.io import write_json_atomic
 def worker_env(cfg, device: str) -> dict:
     """What this run adds to the environment every worker gets (verlcli.distributed's
     worker_env): threads (via OMP only: in-process vLLM makes torch.set_num_threads a
-    no-op) and vLLM's CPU KV-cache size."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kvcache_gb),
-           "VERL_DIST_TIMEOUT_S": str(cfg.trainer.collective_timeout_s)}  # init_process_group's timeout
+    no-op). vLLM's CPU KV-cache size is not here: the worker passes it to the engine in bytes."""
+    env = {"VERL_DIST_TIMEOUT_S": str(cfg.trainer.collective_timeout_s)}  # init_process_group's timeout
     if cfg.trainer.deterministic:  # cuBLAS needs a fixed workspace to be deterministic
         env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     if device == "cpu":
         env["OMP_NUM_THREADS"] = str(max(int(cfg.resources.cpus_per_worker), 1))
+        # Few malloc arenas: freed memory is reused across phases (workers/malloc.py).
+        env["MALLOC_ARENA_MAX"] = os.environ.get("MALLOC_ARENA_MAX", "2")
     if not cfg.logging.verbose:  # workers' output to RUN_DIR/logs/ (verlcli.distributed.logs)
         env[LOG_DIR_ENV] = str((Path(cfg.run_dir) / "logs").resolve())
     return env
