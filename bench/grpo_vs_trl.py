@@ -51,6 +51,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trl-generation", choices=["hf", "vllm"], default="hf",
                    help="hf: transformers generate (default); vllm: TRL's colocated vLLM mode, with the "
                         "weight sync patched for vLLM 0.32 (see sync_weights_vllm_032).")
+    p.add_argument("--equal-work", action="store_true",
+                   help="Every completion is exactly --max-completion tokens on both sides (verl: "
+                        "rollout.ignore_eos=true; TRL: generation_kwargs min_new_tokens (hf) / ignore_eos (vllm)).")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="Both sides: bf16 autocast + bf16 vLLM, or fp32 everywhere. auto: bf16 where the CPU "
+                        "has bf16 instructions (verl's compute_dtype=auto rule), else fp32.")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="Held-out reward (greedy, --eval-prompts test prompts) before training and every K "
+                        "steps on both sides, outside the step timers; 0 = off.")
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--plot", help="PNG: held-out reward vs training seconds, both sides (needs --eval-every).")
     p.add_argument("--side", choices=["trl"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -191,7 +202,10 @@ def verl_overrides(a, data: Path, run_dir: Path) -> list[str]:
         f"trainer.total_steps={a.steps}", "trainer.val_every=0", "trainer.val_before_train=false",
         "trainer.save_every=0", f"trainer.run_dir={run_dir}", "trainer.resume=never",
         f"trainer.seed={a.seed}", "logging.progress_bar=false",
-    ]
+        f"resources.compute_dtype={'bfloat16' if a.precision == 'bf16' else 'float32'}",
+        f"rollout.ignore_eos={str(a.equal_work).lower()}",
+    ] + ([f"trainer.val_every={a.eval_every}", "trainer.val_before_train=true",
+          f"data.val_prompts={a.eval_prompts}"] if a.eval_every else [])
 
 
 def run_verl(a, data: Path, work: Path) -> dict:
@@ -205,7 +219,7 @@ def run_verl(a, data: Path, work: Path) -> dict:
     rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
     steps = [r for r in rows if "timing/step_s" in r]
     # The final checkpoint cannot be switched off: it is not part of a training step's work.
-    step_s = [r["timing/step_s"] - r.get("timing/checkpoint_s", 0.0) for r in steps]
+    step_s = [r["timing/step_s"] - r.get("timing/checkpoint_s", 0.0) - r.get("timing/validate_s", 0.0) for r in steps]
     gen_s = [r.get("timing/gen_s", 0.0) for r in steps]
     tokens = [r["perf/gen_tokens_per_s"] * r["timing/gen_s"] for r in steps]  # response tokens per step
     phases = sorted({k for r in steps for k in r if k.startswith("timing/") and k not in ("timing/step_s", "timing/checkpoint_s")})
@@ -217,9 +231,16 @@ def run_verl(a, data: Path, work: Path) -> dict:
     wall_step = [t[i] - t[i - 1] for i in range(1, len(t))]
     if wall_step:
         wall_step[-1] -= steps[-1].get("timing/checkpoint_s", 0.0)
+        wall_step = [w - s.get("timing/validate_s", 0.0) for w, s in zip(wall_step, steps[1:])]
+    # Held-out reward against training seconds (validation and checkpoint time left out).
+    clock = [0.0]
+    for s in step_s:
+        clock.append(clock[-1] + s)
+    by_step = {r["step"]: r["val/score/mean"] for r in rows if "val/score/mean" in r}
+    evals = [{"step": k, "train_s": clock[k], "reward": v} for k, v in sorted(by_step.items()) if k < len(clock)]
     return {
         "tool": "verl", "command": " ".join(cmd), "total_wall_s": wall, "step_s": step_s, "gen_s": gen_s,
-        "completion_tokens": tokens, "wall_step_s_from_2nd": wall_step,
+        "completion_tokens": tokens, "wall_step_s_from_2nd": wall_step, "evals": evals,
         "phase_median_s": {p.removeprefix("timing/"): median_after_warmup([r.get(p, 0.0) for r in steps]) for p in phases},
         "prompt_tokens_mean": statistics.mean(r.get("prompt/length_mean", 0.0) for r in steps),
         "score_mean": [r.get("score/mean") for r in steps],
@@ -237,7 +258,8 @@ def run_trl(a, data: Path, work: Path) -> dict:
            "--prompts-per-step", str(a.prompts_per_step), "--n", str(a.n),
            "--max-completion", str(a.max_completion), "--temperature", str(a.temperature), "--lr", str(a.lr),
            "--micro-batch", str(a.micro_batch), "--seed", str(a.seed), "--trl-generation", a.trl_generation,
-           "--max-prompt", str(a.max_prompt)]
+           "--max-prompt", str(a.max_prompt), "--precision", a.precision, "--eval-every", str(a.eval_every),
+           "--eval-prompts", str(a.eval_prompts)] + (["--equal-work"] if a.equal_work else [])
     print("trl:  " + " ".join(cmd), flush=True)
     rc, mem, wall = run_monitored(cmd, child_env(a.threads), work / "trl.log")
     mem.pop("line_times")
@@ -273,7 +295,7 @@ def trl_config(a, out_dir: Path):
     # = one optimizer update; steps_per_generation defaults to gradient_accumulation_steps, so one
     # generation batch of `seqs` completions (= prompts_per_step unique prompts × n) per update.
     return GRPOConfig(
-        output_dir=str(out_dir), max_steps=a.steps, seed=a.seed, use_cpu=True, bf16=True,
+        output_dir=str(out_dir), max_steps=a.steps, seed=a.seed, use_cpu=True, bf16=a.precision == "bf16",
         per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=seqs // a.micro_batch,
         num_generations=a.n, num_iterations=1, max_completion_length=a.max_completion,
         temperature=a.temperature, top_p=1.0, top_k=0,
@@ -288,19 +310,29 @@ def trl_config(a, out_dir: Path):
         vllm_importance_sampling_correction=False,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1,
         disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+        generation_kwargs=trl_equal_work_kwargs(a),
     )
 
 
-def patch_trl_vllm_for_cpu():
+def trl_equal_work_kwargs(a) -> dict | None:
+    """TRL's way to make every completion --max-completion tokens long. vLLM: `ignore_eos`, as
+    verl (EOS is sampled but does not stop). transformers: TRL cuts each completion after its
+    first EOS whatever generate did, so EOS must not be sampled: `min_new_tokens` masks it."""
+    if not a.equal_work:
+        return None
+    return {"ignore_eos": True} if a.trl_generation == "vllm" else {"min_new_tokens": a.max_completion}
+
+
+def patch_trl_vllm_for_cpu(dtype: str):
     """TRL builds `LLM(...)` itself without `enforce_eager` or `dtype`; on CPU vLLM wants eager
-    mode, and verl's rollout runs in bf16, so give TRL's engine the same."""
+    mode, and verl's rollout runs in the training precision, so give TRL's engine the same."""
     import trl.generation.vllm_generation as vg
 
     real = vg.LLM
 
     def llm(*args, **kw):
         kw.setdefault("enforce_eager", True)
-        kw.setdefault("dtype", "bfloat16")
+        kw.setdefault("dtype", dtype)
         kw.pop("gpu_memory_utilization", None)
         return real(*args, **kw)
 
@@ -317,6 +349,48 @@ def sync_weights_vllm_032(llm, model) -> None:
     llm.reset_prefix_cache()
 
 
+def held_out_eval(a, steps: list[dict], evals: list[dict]):
+    """TRL side of the held-out curve: greedy completions for the first --eval-prompts test
+    prompts (verl's data.val_prompts takes the first N too), scored by the same scorer, before
+    training and every --eval-every steps. transformers generate on TRL's model in both TRL
+    modes (its vLLM engine holds the weights of the previous step). Not counted in step times."""
+    from transformers import TrainerCallback
+
+    class HeldOutEval(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, processing_class=None, **kw):
+            self._run(0, model, processing_class)
+
+        def on_step_end(self, args, state, control, model=None, processing_class=None, **kw):
+            if state.global_step % a.eval_every == 0:
+                self._run(state.global_step, model, processing_class)
+
+        def _run(self, step, model, tok):
+            import pandas as pd
+            import torch
+
+            t0 = time.perf_counter()
+            rows = pd.read_parquet(Path(a.data) / "test.parquet").head(a.eval_prompts)
+            texts = [tok.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+                     for p in rows["prompt"]]
+            side, tok.padding_side = tok.padding_side, "left"
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            tok.padding_side = side
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                out = model.generate(**enc, do_sample=False, max_new_tokens=a.max_completion,
+                                     pad_token_id=tok.pad_token_id)
+            model.train(was_training)
+            done = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            scores = arithmetic_reward(None, done, list(rows["data_source"]), list(rows["reward_model"]))
+            train_s = sum(x["step_s"] for x in steps[:step])
+            evals.append({"step": step, "train_s": train_s, "reward": statistics.mean(scores),
+                          "eval_s": time.perf_counter() - t0})
+            print(f"TRL held-out reward at step {step}: {evals[-1]['reward']:.3f}", flush=True)
+
+    return HeldOutEval()
+
+
 def trl_inner(a) -> None:
     import resource
 
@@ -329,7 +403,7 @@ def trl_inner(a) -> None:
 
     torch.manual_seed(a.seed)
     if a.trl_generation == "vllm":
-        patch_trl_vllm_for_cpu()
+        patch_trl_vllm_for_cpu("bfloat16" if a.precision == "bf16" else "float32")
     dataset = Dataset.from_parquet(str(Path(a.data) / "train.parquet"))
     gen_log: list[dict] = []
     steps: list[dict] = []
@@ -356,9 +430,12 @@ def trl_inner(a) -> None:
             now = time.perf_counter()
             steps.append({"step": state.global_step, "step_s": now - self.t0, "end": now})
 
+    evals: list[dict] = []
     trainer = TimedGRPOTrainer(
         model=str(resolve_model(MODEL)), reward_funcs=arithmetic_reward,
-        args=trl_config(a, Path(a.workdir) / "trl_out"), train_dataset=dataset, callbacks=[StepTimer()],
+        args=trl_config(a, Path(a.workdir) / "trl_out"), train_dataset=dataset,
+        # After StepTimer: evaluation happens between on_step_end and the next on_step_begin.
+        callbacks=[StepTimer(), held_out_eval(a, steps, evals)] if a.eval_every else [StepTimer()],
     )
     trainer._bench_sync_s = 0.0
     if getattr(trainer, "vllm_generation", None) is not None:
@@ -373,11 +450,11 @@ def trl_inner(a) -> None:
     print(f"TRL: model dtype {next(trainer.model.parameters()).dtype}, bf16 autocast {trainer.args.bf16}, "
           f"generation {a.trl_generation}, threads {torch.get_num_threads()}", flush=True)
     trainer.train()
-    write_trl_result(a, steps, gen_log, trainer)
+    write_trl_result(a, steps, gen_log, trainer, evals)
     print(f"TRL peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB", flush=True)
 
 
-def write_trl_result(a, steps: list[dict], gen_log: list[dict], trainer) -> None:
+def write_trl_result(a, steps: list[dict], gen_log: list[dict], trainer, evals: list[dict]) -> None:
     import resource
 
     by_step = {}
@@ -388,7 +465,7 @@ def write_trl_result(a, steps: list[dict], gen_log: list[dict], trainer) -> None
     gens = [by_step.get(s["step"], {}) for s in steps]
     scores = [h.get("reward") for h in trainer.state.log_history if "reward" in h]
     out = {
-        "tool": "trl", "trl_generation": a.trl_generation,
+        "tool": "trl", "trl_generation": a.trl_generation, "evals": evals,
         "step_s": [s["step_s"] for s in steps],
         # on_step_end to on_step_end: also counts the data loader and logging between steps.
         "wall_step_s_from_2nd": [steps[i]["end"] - steps[i - 1]["end"] for i in range(1, len(steps))],
@@ -454,6 +531,12 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     if a.side == "trl":
         return trl_inner(a)
+    if a.precision == "auto":  # verl's own rule, so both sides get what `compute_dtype=auto` picks
+        from verlcli.engine.fsdp import resolve_compute_dtype
+        import torch
+
+        a.precision = "bf16" if resolve_compute_dtype("cpu", "auto") == torch.bfloat16 else "fp32"
+        print(f"precision: {a.precision} on both sides (compute_dtype=auto on this CPU)", flush=True)
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="grpo_vs_trl_"))
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(work)
@@ -467,7 +550,8 @@ def main(argv=None) -> None:
     if "trl" in summary and "verl" in summary:
         summary["ratio_trl_over_verl"] = summary["trl"]["median_step_s"] / summary["verl"]["median_step_s"]
     settings = {k: getattr(a, k) for k in ("steps", "prompts_per_step", "n", "max_prompt", "max_completion",
-                                           "temperature", "lr", "micro_batch", "seed", "threads", "trl_generation")}
+                                           "temperature", "lr", "micro_batch", "seed", "threads", "trl_generation",
+                                           "equal_work", "precision", "eval_every", "eval_prompts")}
     report = {"settings": settings, "summary": summary, "raw": results, "work_dir": str(work),
               "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}}
     md = table(summary)
@@ -478,6 +562,30 @@ def main(argv=None) -> None:
         out.write_text(json.dumps(report, indent=2))
         out.with_suffix(".md").write_text(md + "\n")
         print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    if a.plot and a.eval_every:
+        plot_curves(results, a, Path(a.plot))
+
+
+def plot_curves(results: dict, a, png: Path) -> None:
+    """Held-out reward (greedy, same prompts and scorer) against training seconds, both sides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for side, r in results.items():
+        ev = r.get("evals") or []
+        label = f"TRL ({a.trl_generation} generation)" if side == "trl" else "verl grpo"
+        ax.plot([e["train_s"] for e in ev], [e["reward"] for e in ev], marker="o", label=label)
+    work = "equal work (every completion max length)" if a.equal_work else "sampled lengths"
+    ax.set(xlabel="training seconds (evaluation excluded)", ylabel=f"held-out reward ({a.eval_prompts} prompts, greedy)",
+           title=f"GRPO, SmolLM2-135M, {a.precision}, {a.steps} steps, {work}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":
