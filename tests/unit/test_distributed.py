@@ -81,6 +81,7 @@ def test_all_rank0_and_execute_all(toy):
     assert len({i["pid"] for i in info}) == 2  # two processes, not one
     assert {i["backend"] for i in info} == {"gloo"}
     assert {i["omp"] for i in info} == {"1"}
+    assert {i["nice"] for i in info} == {os.nice(0)}  # not Ray's default 15: the workers do the compute
     assert toy.rank_sum(10) == (0 + 10) + (1 + 10)  # collective on both ranks, rank 0's answer
     assert toy.execute_all("rank_sum", 0) == [1, 1]
 

@@ -44,7 +44,7 @@ class ToyWorker(Worker):
 
     @register(dispatch="all")
     def info(self) -> dict:
-        return self._verl_info() | {"omp": os.environ.get("OMP_NUM_THREADS")}
+        return self._verl_info() | {"omp": os.environ.get("OMP_NUM_THREADS"), "nice": os.nice(0)}
 
     @register(dispatch="rank0")
     def rank_sum(self, offset: int) -> int:
