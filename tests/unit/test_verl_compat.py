@@ -97,8 +97,8 @@ def test_grpo_script():
     assert cfg.trainer.save_every == 20 and cfg.trainer.val_every == 5 and cfg.resources.devices_per_node == 8
     assert cfg.logging.backends == ["console", "wandb"] and cfg.trainer.name == "qwen2_7b_function_rm"
     assert t.unmapped == ["trainer.total_epochs=15"]
-    assert {k for k, _ in t.ignored} >= {"actor_rollout_ref.model.use_remove_padding", "trainer.critic_warmup",
-                                         "data.filter_overlong_prompts"}
+    assert {k for k, _ in t.ignored} >= {"trainer.critic_warmup", "data.filter_overlong_prompts"}
+    assert cfg.model.remove_padding is True  # use_remove_padding=True: packed forwards
 
 
 def test_ppo_script_keeps_its_critic():

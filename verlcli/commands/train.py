@@ -67,7 +67,18 @@ def print_plan(kind: str, cfg) -> None:
             f"reference model: {'on' if cfg.use_reference else 'off'}; launcher: {cfg.launcher}; "
             f"workers: {cfg.world_size} ({cfg.resources.nodes} node(s) × {cfg.resources.devices_per_node})"
         )
+        console.print(f"padding removal (model.remove_padding={cfg.model.remove_padding}): {_packing_note(cfg)}")
     _print_memory_plan(kind, cfg, console)
+
+
+def _packing_note(cfg) -> str:
+    """What the engines do with model.remove_padding (engine/packing.py; no torch import here)."""
+    if cfg.model.remove_padding is False:
+        return "off: padded rows, trimmed to the longest per micro-batch"
+    strategies = {cfg.actor.strategy} | ({cfg.critic.strategy} if cfg.use_critic else set())
+    how = ["fsdp/deepspeed: per-sequence attention (flash-attn varlen on GPU when installed)"] if strategies - {"megatron"} else []
+    how += ["megatron: block-diagonal mask"] if "megatron" in strategies else []
+    return "on: each micro-batch packed into one row; " + "; ".join(how)
 
 
 def _print_memory_plan(kind: str, cfg, console) -> None:

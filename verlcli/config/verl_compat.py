@@ -28,6 +28,7 @@ KEYS = {
     "actor_rollout_ref.model.path": "model.path",
     "actor_rollout_ref.model.enable_gradient_checkpointing": "model.gradient_checkpointing",
     "actor_rollout_ref.model.trust_remote_code": "model.trust_remote_code",
+    "actor_rollout_ref.model.use_remove_padding": "model.remove_padding",
     "actor_rollout_ref.model.lora_rank": "model.lora.rank", "actor_rollout_ref.model.lora_alpha": "model.lora.alpha",
     "actor_rollout_ref.model.target_modules": "model.lora.target_modules",
     A + "strategy": "actor.strategy", A + "optim.lr": "actor.optim.lr",
@@ -74,12 +75,12 @@ PREFIXES = {
 }
 # keys that mean nothing here, and why
 IGNORED = {
-    "use_remove_padding": "no packed forward yet: each micro-batch is trimmed to its longest row", "log_prob_micro_batch_size_per_gpu": "derived from the actor's",
+    "log_prob_micro_batch_size_per_gpu": "derived from the actor's",
     "log_prob_micro_batch_size": "derived from the actor's", "ref.fsdp_config.param_offload": "the reference follows the actor",
     "calculate_log_probs": "rollout log-probs are always kept", "calculate_sum_pi_squared": "automatic for the optimal token baseline",
     "use_fused_kernels": "not used", "filter_overlong_prompts": "data.truncation decides (error names the row)",
     "critic.model.enable_gradient_checkpointing": "model.gradient_checkpointing covers both",
-    "critic.model.use_remove_padding": "no packed forward yet: each micro-batch is trimmed to its longest row", "use_legacy_worker_impl": "one worker implementation",
+    "critic.model.use_remove_padding": "model.remove_padding covers actor, reference and critic", "use_legacy_worker_impl": "one worker implementation",
     "enforce_eager": "set by the engine", "enable_chunked_prefill": "set by the engine",
     "reward_model.reward_manager": "rewards are chosen by data_source", "reward_model.enable": "on when reward.model.path is set",
     "ray_init.": "Ray starts from resources.* (or RAY_ADDRESS)", "trainer.critic_warmup=0": "no warm-up is the only mode",

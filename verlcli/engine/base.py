@@ -10,7 +10,10 @@ Conventions every implementation keeps
 Sequence layout. Batches are `[prompt, left-padded | response, right-padded]`, the response
 in the last R positions. `log_probs` returns log p(response token j | everything before it)
 as `[B, R]`; `values` returns the value of the state before each response token, `[B, R]`.
-Both float32, on the engine's device.
+Both float32, on the engine's device. With padding removal on (`remove_padding`), the
+engines pack a `[B, T]` padding mask's rows into one row inside these two calls and scatter
+the results back (`engine/packing.py`): callers see the same `[B, R]` layout either way
+(zeros at response positions that hold no token).
 
 Loss scaling. `backward(loss)` takes THIS RANK'S SHARE of the global loss: a loss normalized
 by counts summed over all data-parallel ranks (`all_reduce_sum`), so that adding the ranks'
@@ -154,7 +157,7 @@ def make_engine(role, model_path: str | Path, **kwargs) -> TrainEngine:
     field; the backend reads its own options from it. `kwargs` are the backend-neutral
     arguments (kind, optim, total_optimizer_steps, device, compute_dtype,
     gradient_checkpointing, lora, offload_params, offload_optimizer, seed,
-    trust_remote_code)."""
+    trust_remote_code, remove_padding: `model.remove_padding`, engine/packing.py)."""
     strategy = getattr(role, "strategy", "fsdp")
     if not kwargs.get("trust_remote_code", True):
         # model.trust_remote_code is passed on only when set, so a backend that does not take

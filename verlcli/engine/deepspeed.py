@@ -47,7 +47,7 @@ from torch import nn
 
 from verlcli.config.schema import LoraConfig, OptimConfig
 from verlcli.engine import checkpoint as ckpt
-from verlcli.engine import ds_checkpoint
+from verlcli.engine import ds_checkpoint, packing
 from verlcli.engine.base import Kind, NamedTensors, TrainEngine
 from verlcli.engine.fsdp import (
     _apply_lora,
@@ -121,7 +121,8 @@ class DeepSpeedEngine(TrainEngine):
                  optim: OptimConfig | None = None, total_optimizer_steps: int = 1,
                  device: str = "cpu", compute_dtype: str = "auto",
                  gradient_checkpointing: bool = False, lora: LoraConfig | None = None,
-                 offload_params: bool = False, offload_optimizer: bool = False, seed: int = 1):
+                 offload_params: bool = False, offload_optimizer: bool = False, seed: int = 1,
+                 remove_padding: str | bool = False):
         if not dist.is_initialized():
             raise RuntimeError("DeepSpeedEngine needs torch.distributed initialized (a 1-rank "
                                "group is fine): call dist.init_process_group first")
@@ -153,6 +154,9 @@ class DeepSpeedEngine(TrainEngine):
         torch.manual_seed(seed)  # LoRA A init must agree on every rank
         self.hf_config = _hf_config(self.model_path, kind)
         self.model, self.hf_model = self._build(gradient_checkpointing)
+        # Padding removal (engine/packing.py): log_probs/values run on packed rows.
+        self.pack_mode = packing.resolve(remove_padding, self.device.type)
+        packing.use_attention(self.hf_model, self.pack_mode, self.device.type)
         self.tied_aliases = _tied_aliases(self.hf_model)
         self.model_class = type(self.hf_model).__name__
         self.model.train(optim is not None)
@@ -243,11 +247,11 @@ class DeepSpeedEngine(TrainEngine):
 
     def _forward(self, input_ids, attention_mask, position_ids, **kwargs):
         module = self.engine if self.engine is not None else self.model
-        if attention_mask.is_floating_point() and self.ds_bf16:
+        if attention_mask is not None and attention_mask.is_floating_point() and self.ds_bf16:
             attention_mask = attention_mask.to(torch.bfloat16)  # additive mask in compute dtype
         with self.autocast():
             return module(input_ids=input_ids.to(self.device),
-                          attention_mask=attention_mask.to(self.device),
+                          attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                           position_ids=position_ids.to(self.device), use_cache=False, **kwargs)
 
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -262,6 +266,9 @@ class DeepSpeedEngine(TrainEngine):
         R = int(response_len)
         if not 0 < R < input_ids.shape[1]:
             raise ValueError(f"response_len {R} must be in [1, {input_ids.shape[1] - 1}]")
+        if packing.applies(self.pack_mode, attention_mask, R):
+            return packing.hf_log_probs(self._forward, packing.pack(input_ids, attention_mask, position_ids, R),
+                                        self.pack_mode, self.device, self.compute_dtype, temperature, with_entropy)
         logits = self._forward(input_ids, attention_mask, position_ids, logits_to_keep=R + 1).logits
         return response_log_probs(logits, input_ids.to(self.device), R, temperature, with_entropy)
 
@@ -269,6 +276,9 @@ class DeepSpeedEngine(TrainEngine):
                position_ids: torch.Tensor, response_len: int) -> torch.Tensor:
         if self.kind != "value":
             raise RuntimeError("values needs kind='value'")
+        if packing.applies(self.pack_mode, attention_mask, response_len):
+            return packing.hf_values(self._forward, packing.pack(input_ids, attention_mask, position_ids, response_len),
+                                     self.pack_mode, self.device, self.compute_dtype)
         return response_values(self._forward(input_ids, attention_mask, position_ids).logits,
                                int(response_len))
 

@@ -53,6 +53,7 @@ from torch.distributed.tensor import DTensor
 
 from verlcli.config.schema import LoraConfig, OptimConfig
 from verlcli.engine import checkpoint as ckpt
+from verlcli.engine import packing
 from verlcli.engine.base import Kind, NamedTensors, TrainEngine
 from verlcli.engine.heads import response_log_probs, response_values
 from verlcli.engine.optim import build_optimizer, build_scheduler
@@ -175,7 +176,7 @@ class FSDPEngine(TrainEngine):
                  device: str = "cpu", compute_dtype: str = "auto",
                  gradient_checkpointing: bool = False, lora: LoraConfig | None = None,
                  offload_params: bool = False, offload_optimizer: bool = False, seed: int = 1,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, remove_padding: str | bool = False):
         if not dist.is_initialized():
             raise RuntimeError("FSDPEngine needs torch.distributed initialized (a 1-rank "
                                "group is fine): call dist.init_process_group first")
@@ -201,6 +202,9 @@ class FSDPEngine(TrainEngine):
         hf_model = _hf_model(self.model_path, kind, self.hf_config, on_meta, trust_remote_code)
         self.tied_aliases = _tied_aliases(hf_model)
         self.model_class = type(hf_model).__name__  # before fully_shard renames it FSDP…
+        # Padding removal (engine/packing.py): log_probs/values run on packed rows.
+        self.pack_mode = packing.resolve(remove_padding, self.device.type)
+        packing.use_attention(hf_model, self.pack_mode, self.device.type)
         if gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -261,7 +265,7 @@ class FSDPEngine(TrainEngine):
     def _forward(self, input_ids, attention_mask, position_ids, **kwargs):
         with self.autocast():
             return self.model(input_ids=input_ids.to(self.device),
-                              attention_mask=attention_mask.to(self.device),
+                              attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                               position_ids=position_ids.to(self.device),
                               use_cache=False, **kwargs)
 
@@ -281,6 +285,9 @@ class FSDPEngine(TrainEngine):
         R = int(response_len)
         if not 0 < R < input_ids.shape[1]:
             raise ValueError(f"response_len {R} must be in [1, {input_ids.shape[1] - 1}]")
+        if packing.applies(self.pack_mode, attention_mask, R):
+            return packing.hf_log_probs(self._forward, packing.pack(input_ids, attention_mask, position_ids, R),
+                                        self.pack_mode, self.device, self.compute_dtype, temperature, with_entropy)
         logits = self._forward(input_ids, attention_mask, position_ids, logits_to_keep=R + 1).logits
         return response_log_probs(logits, input_ids.to(self.device), R, temperature, with_entropy)
 
@@ -289,6 +296,9 @@ class FSDPEngine(TrainEngine):
         """Value at each response position `[B, R]`, float32: `values[:, -R-1:-1]`."""
         if self.kind != "value":
             raise RuntimeError("values needs kind='value'")
+        if packing.applies(self.pack_mode, attention_mask, response_len):
+            return packing.hf_values(self._forward, packing.pack(input_ids, attention_mask, position_ids, response_len),
+                                     self.pack_mode, self.device, self.compute_dtype)
         return response_values(self._forward(input_ids, attention_mask, position_ids).logits,
                                int(response_len))
 

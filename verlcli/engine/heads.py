@@ -16,15 +16,21 @@ def response_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, response_l
     """`logits` are the last R+1 positions (`logits_to_keep=R+1`) or all of them; returns
     (log-probs `[B, R]`, entropy `[B, R]` or None), float32, chunked over rows (no
     `[B, R, V]` float copy)."""
+    R = int(response_len)
+    return token_log_probs(logits[:, -R - 1:-1], input_ids[:, -R:], temperature, with_entropy)
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`logits [..., V]` of the positions that predict `labels [...]` → (log-probs, entropy
+    or None) `[...]`, float32. Padded rows (`response_log_probs`) and packed rows
+    (engine/packing.py: only the positions before real response tokens) both end here."""
     from verlcli.algorithms.entropy import entropy_from_logits_chunked, logprobs_from_logits
 
-    R = int(response_len)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = logits[:, -R - 1:-1]
     if temperature != 1.0:
         logits = logits / temperature
-    labels = input_ids[:, -R:]
     logprobs = logprobs_from_logits(logits, labels).float()
     entropy = entropy_from_logits_chunked(logits).float() if with_entropy else None
     return logprobs, entropy

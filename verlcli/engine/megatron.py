@@ -51,6 +51,7 @@ from torch import nn
 from verlcli.config.schema import LoraConfig, OptimConfig
 from verlcli.engine import checkpoint as ckpt
 from verlcli.engine import megatron_convert as conv
+from verlcli.engine import packing
 from verlcli.engine.base import Kind, NamedTensors, TrainEngine
 from verlcli.engine.megatron_convert import check_parallel_sizes
 from verlcli.engine.optim import build_optimizer, build_scheduler
@@ -170,7 +171,7 @@ class MegatronEngine(TrainEngine):
                  device: str = "cpu", compute_dtype: str = "auto",
                  gradient_checkpointing: bool = False, lora: LoraConfig | None = None,
                  offload_params: bool = False, offload_optimizer: bool = False, seed: int = 1,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, remove_padding: str | bool = False):
         if not dist.is_initialized():
             raise RuntimeError("MegatronEngine needs torch.distributed initialized")
         if lora is not None and lora.rank > 0:
@@ -189,6 +190,9 @@ class MegatronEngine(TrainEngine):
         self.lora = None
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         self.compute_dtype = torch.float32
+        # Padding removal: packed rows with a block-diagonal mask, the one way megatron's local
+        # (non-TE) attention can keep sequences apart; THD/varlen (PackedSeqParams) needs TE.
+        self.pack_mode = packing.resolve(remove_padding, self.device.type) and "block_mask"
         _init_parallel(tensor_parallel_size, seed)
         self.tp = tensor_parallel_size
         self.tp_rank = ps.get_tensor_model_parallel_rank()
@@ -343,16 +347,32 @@ class MegatronEngine(TrainEngine):
             raise ValueError(f"response_len {R} must be in [1, {input_ids.shape[1] - 1}]")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if packing.applies(self.pack_mode, attention_mask, R):
+            p = packing.pack(input_ids, attention_mask, position_ids, R)
+            hidden = self._packed_hidden(p)  # [K, 1, H]: the positions before response tokens
+            lp, ent = self._token_log_probs(hidden, p.labels[:, None], temperature, with_entropy)
+            return packing.scatter(p, lp[:, 0]), (packing.scatter(p, ent[:, 0]) if with_entropy else None)
         hidden = self._hidden(input_ids, attention_mask, position_ids)[-R - 1:-1]
+        lp, ent = self._token_log_probs(hidden, input_ids[:, -R:].t(), temperature, with_entropy)
+        return lp.t(), (ent.t() if with_entropy else None)
+
+    def _packed_hidden(self, p) -> torch.Tensor:
+        """Hidden states [K, 1, H] of packed rows at the K positions that predict a response
+        token; the block-diagonal mask keeps the sequences apart (data/packing.py's)."""
+        mask = packing.model_kwargs(p, "block_mask", self.device, torch.float32)["attention_mask"]
+        return self._hidden(p.input_ids, mask, p.position_ids)[p.src.to(self.device)]
+
+    def _token_log_probs(self, hidden, labels, temperature: float, with_entropy: bool):
+        """(log-probs, entropy or None) [S, B] of `labels` [S, B] from hidden states [S, B, H]."""
         logits = self._vocab_logits(hidden).float()
         if temperature != 1.0:
             logits = logits / temperature
-        labels = input_ids[:, -R:].to(self.device).t().contiguous()
-        entropy = self._entropy(logits).t() if with_entropy else None
+        labels = labels.to(self.device).contiguous()
+        entropy = self._entropy(logits) if with_entropy else None
         # megatron's cross entropy works in place on its input: give it its own copy when
         # the entropy's graph still needs these logits.
         ce = tensor_parallel.vocab_parallel_cross_entropy(logits.clone() if with_entropy else logits, labels)
-        return (-ce).t(), entropy
+        return -ce, entropy
 
     def _entropy(self, logits: torch.Tensor) -> torch.Tensor:
         """Entropy of softmax over the vocabulary split across TP ranks (differentiable:
@@ -372,6 +392,9 @@ class MegatronEngine(TrainEngine):
         if self.kind != "value":
             raise RuntimeError("values needs kind='value'")
         R = int(response_len)
+        if packing.applies(self.pack_mode, attention_mask, R):
+            p = packing.pack(input_ids, attention_mask, position_ids, R)
+            return packing.scatter(p, self.model.value_head(self._packed_hidden(p))[:, 0, 0].float())
         hidden = self._hidden(input_ids, attention_mask, position_ids)[-R - 1:-1]
         return self.model.value_head(hidden).squeeze(-1).t().float()
 
