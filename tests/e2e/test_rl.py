@@ -1,5 +1,6 @@
 """`verl grpo` / `verl ppo` end to end on CPU: Ray with 2 workers (FSDP2 over gloo) and the
-vLLM engine, the local launcher with the HF engine, checkpoint → resume, and a reward rise."""
+vLLM engine (GRPO: one TP=2 engine over both ranks; PPO: one engine per rank), the local
+launcher with the HF engine, checkpoint → resume."""
 
 import json
 import math
@@ -46,8 +47,11 @@ def check_console_and_logs(r, run, steps):
 
 def test_grpo_ray_two_workers_vllm(workdir):
     run = workdir / "runs" / "grpo"
-    # actor.use_kl_loss: the reference model and the KL loss term (every GPU preset turns it on)
-    r = ok(verl("grpo", "--preset", "tiny-cpu", f"trainer.run_dir={run}", "actor.use_kl_loss=true", *FAST, cwd=workdir,
+    # actor.use_kl_loss: the reference model and the KL loss term (every GPU preset turns it on).
+    # rollout.tensor_parallel_size=2: the 2 Ray workers share ONE vLLM engine (external launcher
+    # inside the gloo world), weights streamed in 1 MB buckets (the PPO run below covers TP=1).
+    r = ok(verl("grpo", "--preset", "tiny-cpu", f"trainer.run_dir={run}", "actor.use_kl_loss=true",
+                "rollout.tensor_parallel_size=2", "rollout.sync_bucket_mb=1", *FAST, cwd=workdir,
                 env_extra=SECRETS))
     rows = [m for m in metrics(run) if "score/mean" in m]
     assert [m["step"] for m in rows] == [1, 2]
@@ -57,7 +61,9 @@ def test_grpo_ray_two_workers_vllm(workdir):
     for key in ("timing/gen_s", "timing/update_actor_s", "actor/grad_norm", "rollout/logprob_gap_mean",
                 "sync/gbps", "perf/gen_tokens_per_s", "response/length_mean", "val/score/mean"):
         assert key in last, key
-    # fp32 vLLM vs fp32 FSDP: log-probs must agree closely, else the weight sync is stale
+    assert last["sync/buckets"] > 1 and last["sync/gbps"] > 0
+    # fp32 vLLM (TP=2) vs fp32 FSDP: the rollout log-probs are the trainer's, else the bucketed
+    # sync is stale or the per-replica dispatch misordered
     assert last["rollout/logprob_gap_mean"] < 0.05
     assert (run / "checkpoints" / "step_2" / "actor" / "meta.json").exists()
     assert (run / "config.yaml").exists()
@@ -75,6 +81,7 @@ def test_ppo_ray_two_workers_vllm(workdir):
     assert last["step"] == 2 and "critic/vf_loss" in last and "critic/values_mean" in last
     kl_after_first_update([m for m in rows if "score/mean" in m], "actor/reward_kl_penalty")
     assert math.isfinite(last["reward/model_mean"])
+    assert last["rollout/logprob_gap_mean"] < 0.05  # fp32 vLLM (TP=1, one engine per rank) vs fp32 FSDP
     placement = json.loads((run / "placement.json").read_text())
     assert len(placement["actor"]) == len(placement["reward_model"]) == 2
     assert (run / "checkpoints" / "step_2" / "critic" / "meta.json").exists()
