@@ -46,10 +46,12 @@ def build(opts: PrepOptions) -> Splits:
     lo, hi = opts.min_operand, opts.max_operand
     if lo > hi:
         raise UserError(f"--min-operand {lo} is larger than --max-operand {hi}", fix="swap them")
-    n_train = DEFAULT_TRAIN if opts.train_size is None else opts.train_size
-    n_test = DEFAULT_TEST if opts.test_size is None else opts.test_size
-    check_size(n_train, "--train-size", 1)
     space = [(a, op, b) for op in parse_operators(opts.operators) for a in range(lo, hi + 1) for b in range(lo, hi + 1)]
+    n_test = DEFAULT_TEST if opts.test_size is None else opts.test_size
+    # Without --train-size a smaller problem space (e.g. --max-operand 12) keeps the splits
+    # disjoint: train gets what the test split leaves, up to the usual 700.
+    n_train = min(DEFAULT_TRAIN, max(len(space) - n_test, 1)) if opts.train_size is None else opts.train_size
+    check_size(n_train, "--train-size", 1)
     rng = random.Random(opts.seed)
     notes = []
     if n_train + n_test <= len(space):

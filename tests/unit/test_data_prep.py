@@ -134,6 +134,14 @@ def test_arithmetic_small_space_overlaps_with_a_note(tmp_path):
         prepare("arithmetic", out=tmp_path, operators="+/")
 
 
+def test_arithmetic_default_train_size_keeps_a_small_space_disjoint(tmp_path):
+    # 12 × 12 × {+, *} = 288 problems: without --train-size, train is what the 100 test rows leave.
+    result = prepare("arithmetic", out=tmp_path, max_operand=12)
+    assert result["rows"]["train"] == 188 and result["rows"]["test"] == 100 and not result["notes"]
+    qs = lambda rows: {r["extra_info"]["question"] for r in rows}  # noqa: E731
+    assert not qs(_rows(tmp_path / "train.parquet")) & qs(_rows(tmp_path / "test.parquet"))
+
+
 def test_countdown_solutions_score_one(tmp_path):
     prepare("countdown", out=tmp_path, seed=3, train_size=30, test_size=5, num_count=4)
     train, sft = _rows(tmp_path / "train.parquet"), _rows(tmp_path / "sft_train.parquet")
