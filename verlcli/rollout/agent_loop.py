@@ -98,7 +98,7 @@ class AgentLoop:
             from verlcli.errors import UserError
 
             raise UserError(f"a prompt's tools column names {unknown}, which are not among tools={list(self.tools)}",
-                            fix=f"add them to tools=[...] or fix the dataset's tools column")
+                            fix="add them to tools=[...] or fix the dataset's tools column")
         messages = [dict(m) for m in messages]
         prefix = self._render(messages, names, add_generation_prompt=True)
         if not self._warned_prompt and self.tok.decode(list(prompt_ids), skip_special_tokens=False) != prefix:
