@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ import torch.distributed as dist
 from verlcli.config.schema import LoraConfig, OptimConfig
 from verlcli.engine import FSDPEngine, load_full_state_dict, lr_multiplier, resolve_compute_dtype
 from verlcli.engine.optim import build_optimizer, build_scheduler
+
+from _ranks import run_ranks
 
 WS = 2
 B, P, R = 4, 5, 4  # sequences, prompt slots, response slots
@@ -70,10 +71,7 @@ def _full_lp(engine, ids, mask, pos):
         return engine.log_probs(ids, mask, pos, R)[0]
 
 
-def _worker(rank, port, out_dir, model_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WS)
+def _worker(rank, out_dir, model_path):
     ids, mask, pos, rmask = _batch()
     local = _rows(rank, WS, ids, mask, pos, rmask)
     res = {}
@@ -115,25 +113,15 @@ def _worker(rank, port, out_dir, model_path):
     res["v_stats"] = val.step()
     with torch.no_grad():
         res["v1"] = val.values(*local[:3], R)
-    torch.save(res, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return res
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Results of the 2-rank run, per rank."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = tmp_path_factory.mktemp("engine")
     path = str(_model_path())
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out), path), nprocs=WS, join=True)
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WS)]
+    ranks = run_ranks(_worker, out, path, world=WS)
     return {"dir": out, "ranks": ranks, "model_path": path}
 
 

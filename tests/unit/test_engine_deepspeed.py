@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from verlcli.config.schema import LoraConfig, OptimConfig
 from verlcli.engine import FSDPEngine, load_full_state_dict
+
+from _ranks import run_ranks
 
 pytest.importorskip("deepspeed")
 
@@ -74,12 +74,9 @@ def _train3(engine, local, gt, ids, mask, pos, res, save_at=None, ckpt=None):
     res["lp3"] = _lp(engine, ids, mask, pos)
 
 
-def _worker(rank, port, out_dir, model_path):
+def _worker(rank, out_dir, model_path):
     from verlcli.engine.deepspeed import DeepSpeedEngine
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WS)
     ids, mask, pos, rmask = _batch()
     n = B // WS
     local = [t[rank * n:(rank + 1) * n] for t in (ids, mask, pos, rmask)]
@@ -133,27 +130,17 @@ def _worker(rank, port, out_dir, model_path):
     out["v_stats"] = val.step()
     out["v1"] = val.values(*local[:3], R).detach()
     del val
-    torch.save(out, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return out
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from verlcli.models.resolve import resolve_model
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = tmp_path_factory.mktemp("ds_engine")
     path = str(resolve_model("tiny-qwen2"))
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out), path), nprocs=WS, join=True)
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WS)]
+    ranks = run_ranks(_worker, out, path, world=WS)
     return {"dir": out, "ranks": ranks, "model_path": path}
 
 

@@ -13,17 +13,17 @@ summation order), losses of the 3 steps within 1e-4 relative of FSDP's.
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
 from verlcli.config.schema import OptimConfig  # noqa: E402
 from verlcli.engine import megatron_convert as conv  # noqa: E402
+
+from _ranks import run_ranks  # noqa: E402
 
 WS = 2
 B, P, R = 4, 5, 4
@@ -212,11 +212,8 @@ def _packed_vs_alone(eng, ids):
     return float((packed - torch.cat(alone)).abs().max())
 
 
-def _worker(rank, port, out_dir, paths):
+def _worker(rank, out_dir, paths):
     warnings.filterwarnings("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WS)
     from verlcli.engine import FSDPEngine
 
     res = {}
@@ -268,24 +265,14 @@ def _worker(rank, port, out_dir, paths):
     res["v_stats"] = val.step()
     with torch.no_grad():
         res["v1"] = val.values(ids, mask, pos, R)
-    torch.save(res, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return res
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = tmp_path_factory.mktemp("megatron")
     paths = {"qwen2": _qwen2_path(), "llama": _llama_path(out)}
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out), paths), nprocs=WS, join=True)
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WS)]
+    ranks = run_ranks(_worker, out, paths, world=WS)
     return {"dir": out, "ranks": ranks, "paths": paths}
 
 
