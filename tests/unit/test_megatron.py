@@ -229,6 +229,10 @@ def _worker(rank, out_dir, paths):
             res[f"{name}/lp_tp{tp}"], res[f"{name}/ent_tp{tp}"] = lp, ent
             if tp == 2 and name == "qwen2":
                 res["packed"] = _packed_vs_alone(eng, ids)
+                eng.pack_mode = "block_mask"  # padding removal: the same rows, packed
+                with torch.no_grad():
+                    res["rp_lp"], res["rp_ent"] = eng.log_probs(*rows, R, with_entropy=True)
+                eng.pack_mode = None
             del eng
 
     # 3 steps at TP=2 (both ranks: the whole batch) vs FSDP on 2 ranks (half each).
@@ -265,6 +269,8 @@ def _worker(rank, out_dir, paths):
     res["v_stats"] = val.step()
     with torch.no_grad():
         res["v1"] = val.values(ids, mask, pos, R)
+        val.pack_mode = "block_mask"
+        res["v1_packed"] = val.values(ids, mask, pos, R)
     return res
 
 
@@ -309,6 +315,16 @@ def test_logits_log_probs_entropy_equal_transformers_at_tp2_and_tp1(run, family)
 
 def test_packed_rows_give_each_sample_its_own_logits(run):
     assert run["ranks"][0]["packed"] < 1e-4
+
+
+def test_remove_padding_packs_with_the_same_results(run):
+    """Packed rows (block-diagonal mask) = padded rows at TP=2, log-probs, entropy, values."""
+    r0 = run["ranks"][0]
+    keep = _batch(3000)[3].bool()
+    assert (r0["rp_lp"] - r0["qwen2/lp_tp2"])[keep].abs().max() < 1e-5
+    assert (r0["rp_ent"] - r0["qwen2/ent_tp2"])[keep].abs().max() < 1e-5
+    keep = _batch(LLAMA["vocab_size"])[3].bool()
+    assert r0["v1"][keep].abs().min() > 0 and (r0["v1_packed"] - r0["v1"])[keep].abs().max() < 1e-5
 
 
 def test_three_steps_at_tp2_match_fsdp(run):
