@@ -4,7 +4,8 @@
 The gradient test runs the real HybridWorker (actor only, FSDP2 engine on tiny-qwen2, fp32,
 one gloo rank in this process): budgets that cut the same mini-batch differently must give the
 same loss, gradient norm and parameters after one optimizer step, and the no-grad forward
-under a budget must return the same log-probs, in the batch's row order.
+under a budget must return the same log-probs, in the batch's row order. A 2-rank run (gloo,
+spawned) whose ranks need different numbers of forwards gives the same step again.
 """
 
 from __future__ import annotations
@@ -133,46 +134,93 @@ def _rows(seed: int = 0) -> Batch:
     return Batch(rows, meta={"temperature": 1.0})
 
 
+RULES = {"sequences": [], "tight": ["actor.micro_batch_tokens_per_device=22"],
+         "loose": ["actor.micro_batch_tokens_per_device=64"]}
+
+
+def stepped_cfg(rule: str) -> dict:
+    return load_config(preset="tiny-cpu", overrides=[
+        f"data.max_prompt_tokens={P}", f"data.max_response_tokens={R}", "data.train_prompts_per_step=8",
+        "rollout.n=1", "actor.mini_batch_prompts=8", "actor.micro_batch_sequences_per_device=2",
+        "actor.optim.lr=1e-3", "actor.optim.eps=1e-4", "algorithm.adv_estimator=reinforce_plus_plus",
+        "launcher=local", "resources.devices_per_node=1", *RULES[rule]]).model_dump(mode="json")
+
+
 @pytest.fixture(scope="module")
 def workers():
     """One actor worker per micro-batch rule, same initial weights (world size 1)."""
     from verlcli.workers.hybrid import HybridWorker
 
-    rules = {"sequences": [], "tight": ["actor.micro_batch_tokens_per_device=22"],
-             "loose": ["actor.micro_batch_tokens_per_device=64"]}
-    made = {}
-    for name, extra in rules.items():
-        cfg = load_config(preset="tiny-cpu", overrides=[
-            f"data.max_prompt_tokens={P}", f"data.max_response_tokens={R}", "data.train_prompts_per_step=8",
-            "rollout.n=1", "actor.mini_batch_prompts=8", "actor.micro_batch_sequences_per_device=2",
-            "actor.optim.lr=1e-3", "actor.optim.eps=1e-4", "algorithm.adv_estimator=reinforce_plus_plus",
-            "launcher=local", "resources.devices_per_node=1", *extra])
-        made[name] = HybridWorker(rank=0, world_size=1, cfg=cfg.model_dump(mode="json"), roles=["actor"],
-                                  total_steps=1)
+    made = {name: HybridWorker(rank=0, world_size=1, cfg=stepped_cfg(name), roles=["actor"], total_steps=1)
+            for name in RULES}
     yield made
     owner = next(iter(made.values()))
     if owner.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def test_budgets_that_cut_differently_give_the_same_step(workers):
+@pytest.fixture(scope="module")
+def stepped(workers):
+    """Old log-probs, then one update of every worker on the same rows."""
     batch = _rows()
-    am = batch["attention_mask"]
-    cuts = {n: micro.token_micro_batches(am, R, b, packed=False) for n, b in (("tight", 22), ("loose", 64))}
-    assert len(cuts["tight"]) > len(cuts["loose"]) > 1  # really different cuts (and not 4 × 2 rows)
     # (padding positions hold whatever the forward computed there: compared on real tokens)
     lp = {n: w.compute_log_probs(batch)["old_log_probs"] * batch["response_mask"] for n, w in workers.items()}
-    for n in ("tight", "loose"):  # the no-grad pass under a budget, rows back in order
-        torch.testing.assert_close(lp[n], lp["sequences"], atol=1e-5, rtol=0)
     before = workers["sequences"].actor.full_state_dict()
     stats = {n: w.update_actor(batch) for n, w in workers.items()}
     sd = {n: w.actor.full_state_dict() for n, w in workers.items()}
-    assert any(not torch.equal(v, before[k]) for k, v in sd["sequences"].items())  # the step moved weights
+    return {"batch": batch, "lp": lp, "before": before, "stats": stats, "sd": sd}
+
+
+def test_budgets_that_cut_differently_give_the_same_step(stepped):
+    am = stepped["batch"]["attention_mask"]
+    cuts = {n: micro.token_micro_batches(am, R, b, packed=False) for n, b in (("tight", 22), ("loose", 64))}
+    assert len(cuts["tight"]) > len(cuts["loose"]) > 1  # really different cuts (and not 4 × 2 rows)
+    lp, stats, sd = stepped["lp"], stepped["stats"], stepped["sd"]
+    for n in ("tight", "loose"):  # the no-grad pass under a budget, rows back in order
+        torch.testing.assert_close(lp[n], lp["sequences"], atol=1e-5, rtol=0)
+    assert any(not torch.equal(v, stepped["before"][k]) for k, v in sd["sequences"].items())  # weights moved
     for n in ("tight", "loose"):
         assert stats[n]["actor/pg_loss"] == pytest.approx(stats["sequences"]["actor/pg_loss"], rel=1e-5, abs=1e-7)
         assert stats[n]["actor/grad_norm"] == pytest.approx(stats["sequences"]["actor/grad_norm"], rel=1e-5)
         for k, v in sd["sequences"].items():
             torch.testing.assert_close(sd[n][k], v, atol=1e-6, rtol=0, msg=lambda m: f"{n} {k}: {m}")
+
+
+def _two_ranks(rank: int, port: int, out: str, cfg: dict) -> None:
+    """Rank 0 gets the long rows, rank 1 the short ones: under a tight budget rank 0 needs more
+    forwards, rank 1 splits its micro-batches to match (else FSDP's gathers would hang)."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from verlcli.workers.hybrid import HybridWorker
+
+    worker = HybridWorker(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port, cfg=cfg,
+                          roles=["actor"], total_steps=1)
+    batch = _rows()
+    mine = batch.index(torch.argsort(batch["attention_mask"].sum(-1), descending=True)[rank::2].sort().values)
+    n_local = len(micro.by_budget(*micro.row_lengths(mine["attention_mask"], R), 22, packed=False))
+    stats = worker.update_actor(mine)
+    sd = worker.actor.full_state_dict()
+    if rank == 0:
+        torch.save({"sd": sd, "stats": stats}, f"{out}/rank0.pt")
+    torch.save({"n_local": n_local}, f"{out}/n{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes import torch + transformers (~30 s on 2 idle cores)
+def test_two_ranks_with_unequal_forward_counts_give_the_same_step(stepped, tmp_path):
+    from verlcli.distributed.worker import free_port
+
+    cfg = stepped_cfg("tight")
+    torch.multiprocessing.spawn(_two_ranks, args=(free_port(), str(tmp_path), cfg), nprocs=2, join=True)
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    counts = [torch.load(tmp_path / f"n{r}.pt", weights_only=True)["n_local"] for r in range(2)]
+    assert counts[0] != counts[1]  # the ranks really needed different numbers of forwards
+    want = stepped["stats"]["sequences"]
+    assert got["stats"]["actor/grad_norm"] == pytest.approx(want["actor/grad_norm"], rel=1e-5)
+    for k, v in stepped["sd"]["sequences"].items():
+        torch.testing.assert_close(got["sd"][k], v, atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
 def test_verl_dynamic_bsz_keys_translate():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from verlcli.config.arithmetic import rl_plan, sft_plan
+from verlcli.config.arithmetic import micro_sequences, rl_plan, sft_plan
 from verlcli.config.kv_cache import cpu_kv_cache
 from verlcli.config.schema import Config
 from verlcli.models.shape import ModelShape, divides_heads, kv_heads_per_rank
@@ -426,10 +426,10 @@ def memory_plan(cfg: Config, kind: str, shape: ModelShape, device: str | None = 
         R = cfg.data.max_response_tokens
         T = batch["max_sequence_tokens"]
         terms += _engine_terms(ctx, "actor", shape.params, trainable, a.offload_params,
-                               a.offload_optimizer, a.micro_batch_sequences_per_device, T, R + 1, pc=a)
+                               a.offload_optimizer, micro_sequences(a, T), T, R + 1, pc=a)
         if "ref" in roles:
             terms += _engine_terms(ctx, "ref", shape.params, 0, a.offload_params, False,
-                                   a.micro_batch_sequences_per_device, T, R + 1, train=False, pc=a)
+                                   micro_sequences(a, T), T, R + 1, train=False, pc=a)
         if "rollout" in roles:
             rt, kv_tokens = _rollout_terms(ctx, mem, problems)
             terms += rt + [_sync_term(ctx)]
@@ -439,7 +439,7 @@ def memory_plan(cfg: Config, kind: str, shape: ModelShape, device: str | None = 
         c = cfg.critic
         ct = _engine_terms(_Ctx(**{**ctx.__dict__, "shape": cs}), "critic", cs.value_model_params,
                            cs.value_model_params, c.offload_params, c.offload_optimizer,
-                           c.micro_batch_sequences_per_device, batch["max_sequence_tokens"], None, pc=c)
+                           micro_sequences(c, batch["max_sequence_tokens"]), batch["max_sequence_tokens"], None, pc=c)
         if c.placement == "separate":
             _separate(ct, "critic", extra, phases, GPU_CONTEXT if gpu else CPU_RUNTIME)
         terms += ct
