@@ -143,9 +143,12 @@ def test_mask_and_ids_on_a_hand_built_conversation(template, tok, hermes_model, 
     n = len(t.ids)
     assert rows["attention_mask"][0, len(prompt):len(prompt) + n].all()
     assert rows["response_mask"][0, :n].tolist() == t.loss_mask
-    from verlcli.trainer.steps import last_model_turn
+    from verlcli.data.batch import Batch
+    from verlcli.trainer.steps import decode_responses, last_model_turn
 
     assert last_model_turn(rows["response_mask"][0]) == (n - len(answer_ids), n)
+    # The reward reads the final answer, not the calculator's output or the call.
+    assert decode_responses(tok, Batch(rows)) == ["The answer is 56088."]
 
 
 def test_budget_max_turns_and_one_engine_call_per_round(tok, tools):
