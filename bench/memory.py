@@ -1,19 +1,15 @@
 """Where the memory of a `verl grpo` run goes: the process tree, and the worker per phase.
 
-    python bench/memory.py tree   [--steps 4] [--out bench/results/memory_tree.json] [KEY=VALUE ...]
-    python bench/memory.py phases [--steps 4] [--out bench/results/memory_phases.json] [KEY=VALUE ...]
+    python bench/memory.py tree [--steps 4] [--timeout S] [--out bench/results/memory_tree.json] [KEY=VALUE ...]
 
 `tree`: runs `verl grpo --preset smollm2-135m-cpu` (Ray launcher, as users run it) and samples
 every process of its tree: RSS every 0.25 s, PSS every second (PSS splits the shared library
 pages between the Ray processes instead of counting them once per process). Reports the peak of
 the summed RSS and PSS, each process's peak RSS by role, and the worker's RSS at the end of
-each step (`mem/rss_gb` in metrics.jsonl: the creep).
+each step and at the end of each phase (`mem/*` in metrics.jsonl: the creep, and what
+trimming the allocator released per phase: workers/malloc.py).
 
-`phases`: the same run with `launcher=local` (driver and worker in this one process), every
-HybridWorker method wrapped to record VmRSS and VmHWM (/proc/self/status) after it returns, and
-the RSS growth of each call: which phase raises the peak, which one keeps memory.
-
-Both write `--out` (JSON) and print a table. KEY=VALUE overrides go to `verl grpo` as given.
+Writes `--out` (JSON) and prints it. KEY=VALUE overrides go to `verl grpo` as given.
 """
 
 from __future__ import annotations
@@ -31,16 +27,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 GB = 2**30
-
-
-def status_kb(pid: int | str = "self") -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0])
-    return out
 
 
 def pss_bytes(pid: int) -> int:
@@ -174,47 +160,9 @@ def run_tree(a, work: Path) -> dict:
                           for x in f.read_text(errors="replace").splitlines() if "KV cache" in x]}
 
 
-def run_phases(a, work: Path) -> dict:
-    """In this process (launcher=local): record VmRSS/VmHWM around every worker method."""
-    data = prepare_data(work)
-    os.environ.update({k: v for k, v in env_for(a).items() if k != "PYTHONPATH"})
-    from verlcli.workers.hybrid import HybridWorker
-
-    records: list[dict] = []
-    names = ["setup", "sync_weights", "generate", "compute_log_probs", "compute_ref_log_probs",
-             "update_actor"]
-
-    def wrap(name):
-        fn = getattr(HybridWorker, name)
-
-        def traced(self, *args, **kw):
-            before = status_kb()
-            out = fn(self, *args, **kw)
-            after = status_kb()
-            records.append({"call": name, "rss_before_gb": before["VmRSS"] / 2**20,
-                            "rss_after_gb": after["VmRSS"] / 2**20, "hwm_after_gb": after["VmHWM"] / 2**20})
-            return out
-        traced.__dict__.update(fn.__dict__)  # keeps the @register mark
-        return traced
-
-    for name in names:
-        setattr(HybridWorker, name, wrap(name))
-    from verlcli.cli import main as cli_main
-
-    run_dir = work / "run_phases"
-    argv = grpo_args(a, data, run_dir) + ["launcher=local"]
-    sys.argv = ["verl", *argv]
-    try:
-        cli_main()
-    except SystemExit as e:
-        if e.code:
-            raise
-    return {"argv": argv, "calls": records, "final": {k: v / 2**20 for k, v in status_kb().items()}}
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["tree", "phases"])
+    p.add_argument("mode", choices=["tree"])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--preset", default="smollm2-135m-cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -222,10 +170,10 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=540, help="Stop the run (Ctrl-C) after this many seconds.")
     p.add_argument("--out")
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # KEY=VALUE overrides after the options
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    result = run_tree(a, work) if a.mode == "tree" else run_phases(a, work)
+    result = run_tree(a, work)
     result["settings"] = {"mode": a.mode, "steps": a.steps, "preset": a.preset, "overrides": a.overrides,
                           "threads": a.threads}
     text = json.dumps(result, indent=1)
