@@ -204,7 +204,7 @@ class FSDPEngine(TrainEngine):
         self.model_class = type(hf_model).__name__  # before fully_shard renames it FSDP…
         # Padding removal (engine/packing.py): log_probs/values run on packed rows.
         self.pack_mode = packing.resolve(remove_padding, self.device.type)
-        packing.use_attention(hf_model, self.pack_mode, self.device.type)
+        packing.use_attention(hf_model, self.pack_mode, self.device.type, self.compute_dtype)
         if gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -57,11 +57,13 @@ def resolve(setting: str | bool, device_type: str) -> str | None:
     raise ValueError(f"remove_padding must be auto, true or false, got {setting!r}")
 
 
-def attention_implementation(mode: str | None, device_type: str) -> str | None:
-    """The transformers attention a model needs for `mode` (None: leave the model's own)."""
+def attention_implementation(mode: str | None, device_type: str,
+                             compute_dtype: torch.dtype = torch.float32) -> str | None:
+    """The transformers attention a model needs for `mode` (None: leave the model's own).
+    flash-attn only computes in 16 bits: fp32 runs on a GPU take the per-sequence SDPA."""
     if mode != "varlen":
         return None
-    if device_type == "cuda" and flash_attn_available():
+    if device_type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16) and flash_attn_available():
         return "flash_attention_2"
     register_varlen_attention()
     return VARLEN_ATTENTION
@@ -201,8 +203,9 @@ def hf_values(forward, p: Packed, mode: str, device: torch.device,
     return scatter(p, out[0, p.src.to(device), 0].float())
 
 
-def use_attention(hf_model, mode: str | None, device_type: str) -> None:
+def use_attention(hf_model, mode: str | None, device_type: str,
+                  compute_dtype: torch.dtype = torch.float32) -> None:
     """Switch a transformers model to the attention `mode` needs (varlen: per-sequence)."""
-    impl = attention_implementation(mode, device_type)
+    impl = attention_implementation(mode, device_type, compute_dtype)
     if impl is not None:
         hf_model.set_attn_implementation(impl)
