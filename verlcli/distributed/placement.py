@@ -162,6 +162,12 @@ def _cluster_address(address: str | None) -> str | None:
     return found
 
 
+# A private local Ray starts its workers on demand: by default it prestarts one idle Python
+# worker per CPU for the first driver, and on a small machine the ones no actor takes stay idle
+# for the whole run (~0.2 GB each, measured: BENCHMARKS.md, Memory).
+_LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
+
+
 def ray_init(num_cpus: int | None = None, env: dict | None = None, address: str | None = None,
              log_to_driver: bool = True) -> None:
     """Connect to a running Ray cluster, or start a private one on this machine.
@@ -186,7 +192,8 @@ def ray_init(num_cpus: int | None = None, env: dict | None = None, address: str 
         # all the compute, so beside any other busy process they would get a sliver of the cores
         # (CFS weight 36 at nice 15 vs 1024 at nice 0). They run at the driver's niceness instead.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-                 runtime_env=runtime_env, _system_config={"worker_niceness": os.nice(0)}, **quiet)
+                 runtime_env=runtime_env, _system_config=_LOCAL_SYSTEM_CONFIG | {"worker_niceness": os.nice(0)},
+                 **quiet)
 
 
 def resolve_device(device: str) -> str:
