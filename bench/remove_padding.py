@@ -123,6 +123,10 @@ def main() -> None:
                     times[name][mode].append(s)
                     cpu[name][mode].append(c)
                     print(f"repeat {rep} {name} {mode}: {s:.2f} s wall, {c:.2f} s CPU", flush=True)
+                    if args.out:  # what is measured so far survives a timeout
+                        from verlcli.io import write_json_atomic
+
+                        write_json_atomic(args.out, {"partial": True, "seconds": times, "cpu_seconds": cpu})
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
