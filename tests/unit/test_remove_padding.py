@@ -132,7 +132,7 @@ def test_pack_scatter_round_trip_and_refusals():
     no_prompt[0, :P] = 0
     with pytest.raises(ValueError, match="first token"):
         packing.pack(ids, no_prompt, (no_prompt.cumsum(-1) - 1).clamp(min=0), R)
-    assert packing.resolve("auto", "cpu") == "varlen" and packing.resolve(False, "cpu") is None
+    assert packing.resolve("auto") == "varlen" and packing.resolve(False) is None
     no_response = mask.clone()
     no_response[:, P:] = 0  # nothing to predict: the engines keep padded rows (and their graph)
     assert packing.applies("varlen", mask, R) and not packing.applies("varlen", no_response, R)

@@ -155,7 +155,7 @@ class DeepSpeedEngine(TrainEngine):
         self.hf_config = _hf_config(self.model_path, kind)
         self.model, self.hf_model = self._build(gradient_checkpointing)
         # Padding removal (engine/packing.py): log_probs/values run on packed rows.
-        self.pack_mode = packing.resolve(remove_padding, self.device.type)
+        self.pack_mode = packing.resolve(remove_padding)
         packing.use_attention(self.hf_model, self.pack_mode, self.device.type, self.compute_dtype)
         self.tied_aliases = _tied_aliases(self.hf_model)
         self.model_class = type(self.hf_model).__name__

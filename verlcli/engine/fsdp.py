@@ -203,7 +203,7 @@ class FSDPEngine(TrainEngine):
         self.tied_aliases = _tied_aliases(hf_model)
         self.model_class = type(hf_model).__name__  # before fully_shard renames it FSDP…
         # Padding removal (engine/packing.py): log_probs/values run on packed rows.
-        self.pack_mode = packing.resolve(remove_padding, self.device.type)
+        self.pack_mode = packing.resolve(remove_padding)
         packing.use_attention(hf_model, self.pack_mode, self.device.type, self.compute_dtype)
         if gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(

@@ -192,7 +192,7 @@ class MegatronEngine(TrainEngine):
         self.compute_dtype = torch.float32
         # Padding removal: packed rows with a block-diagonal mask, the one way megatron's local
         # (non-TE) attention can keep sequences apart; THD/varlen (PackedSeqParams) needs TE.
-        self.pack_mode = packing.resolve(remove_padding, self.device.type) and "block_mask"
+        self.pack_mode = packing.resolve(remove_padding) and "block_mask"
         _init_parallel(tensor_parallel_size, seed)
         self.tp = tensor_parallel_size
         self.tp_rank = ps.get_tensor_model_parallel_rank()

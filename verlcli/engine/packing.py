@@ -44,7 +44,7 @@ def flash_attn_available() -> bool:
     return True
 
 
-def resolve(setting: str | bool, device_type: str) -> str | None:
+def resolve(setting: str | bool) -> str | None:
     """`model.remove_padding` → a packing mode, or None (padded rows). `auto` = on: the packed
     forward was faster than padded rows on every measured micro-batch (BENCHMARKS.md)."""
     setting = {True: "true", False: "false"}.get(setting, setting)
