@@ -63,6 +63,23 @@ def _lp(engine, ids, mask, pos):
         return engine.log_probs(ids, mask, pos, R)[0]
 
 
+def _packed_gap(engine, ids, mask, pos):
+    """Largest |packed − padded| over log-probs and entropy at real response tokens, every mode."""
+    from verlcli.engine import packing
+
+    packing.use_attention(engine.hf_model, "varlen", "cpu")  # falls back to SDPA when padded
+    real, gaps = mask[:, -R:].bool(), []
+    with torch.no_grad():
+        engine.pack_mode = None
+        ref = engine.log_probs(ids, mask, pos, R, with_entropy=True)
+        for mode in packing.MODES:
+            engine.pack_mode = mode
+            got = engine.log_probs(ids, mask, pos, R, with_entropy=True)
+            gaps += [float((a - b)[real].abs().max()) for a, b in zip(ref, got)]
+    engine.pack_mode = None
+    return max(gaps)
+
+
 def _train3(engine, local, gt, ids, mask, pos, res, save_at=None, ckpt=None):
     res["stats"] = []
     for s in range(3):
@@ -103,6 +120,8 @@ def _worker(rank, out_dir, model_path):
         res["lp_loaded"] = _lp(eng, ids, mask, pos)
         res["resumed_step"] = _step(eng, *local, gt)
         res["lp_resumed"] = _lp(eng, ids, mask, pos)
+        if stage == 3:  # packed rows (engine/packing.py) under ZeRO-3 = padded rows
+            res["packed_gap"] = _packed_gap(eng, *local[:3])
         if stage == 2:  # a non-finite gradient skips the update
             before = eng.full_state_dict()
             lp, _ = eng.log_probs(*local[:3], R)
@@ -227,6 +246,10 @@ def test_lora_under_zero3_matches_fsdp_and_merges(run):
     _close(merged, run["ranks"][0]["zero3_lora_sd"], atol=1e-6)
     raw = load_full_state_dict(run["dir"] / "zero3_lora", merge_lora=False)
     assert any(".lora_A." in k for k in raw)
+
+
+def test_packed_rows_equal_padded_under_zero3(run):
+    assert all(res["zero3"]["packed_gap"] < 1e-5 for res in run["ranks"])
 
 
 def test_value_model_under_zero3(run):
