@@ -3,6 +3,7 @@ runs ONE job on 2 ranks in spawned processes and the tests read back what each r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -32,3 +33,17 @@ def run_ranks(fn, out_dir, *args, world: int = 2) -> list:
     torch.multiprocessing.spawn(_rank_main, args=(fn, world, free_port(), str(out_dir), args), nprocs=world,
                                 join=True)
     return [torch.load(f"{out_dir}/rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@contextlib.contextmanager
+def one_rank_group(store_dir):
+    """A 1-rank gloo group in this process (engines need one even at world size 1); left
+    alone when the process already has a group."""
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()

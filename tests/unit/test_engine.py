@@ -13,12 +13,12 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from verlcli.config.schema import LoraConfig, OptimConfig
 from verlcli.engine import FSDPEngine, load_full_state_dict, lr_multiplier, resolve_compute_dtype
 from verlcli.engine.optim import build_optimizer, build_scheduler
 
+import _ranks
 from _ranks import run_ranks
 
 WS = 2
@@ -128,13 +128,8 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_rank_group(tmp_path_factory):
     """A 1-rank gloo group in this process, for loading checkpoints at world size 1."""
-    created = not dist.is_initialized()
-    if created:
-        store = tmp_path_factory.mktemp("pg") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
+    with _ranks.one_rank_group(tmp_path_factory.mktemp("pg")):
+        yield
 
 
 def _plain_model(path):

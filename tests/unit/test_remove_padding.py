@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from verlcli.config.schema import OptimConfig
 from verlcli.engine import packing
+
+from _ranks import one_rank_group
 
 P, R = 6, 5
 TOL = 1e-5
@@ -33,13 +34,8 @@ def _rows():
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
-    created = not dist.is_initialized()
-    if created:
-        store = tmp_path_factory.mktemp("pg") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
+    with one_rank_group(tmp_path_factory.mktemp("pg")):
+        yield
 
 
 def _engine(kind, optim=None):

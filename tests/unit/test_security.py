@@ -59,7 +59,22 @@ def test_no_eval_exec_or_unsafe_deserializers():
               "pickle.load", "pickle.loads", "marshal.loads"}
     bad = [f"{_where(path, call)} {_name(call.func)}" for path in SOURCES for call in _calls(path)
            if _name(call.func) in banned]
+    # The one place that runs code on purpose: the `python` tool's child process, which runs the
+    # model's code only after confining itself (verlcli/rewards/sandbox.py: rlimits, no network,
+    # writes in a temp dir). Allowed by function, so a new exec elsewhere in the file still fails.
+    allowed = {("verlcli/tools/_runner.py", "_run_code")}
+    bad = [b for b in bad if (b.split(":")[0], _enclosing_function(b)) not in allowed]
     assert not bad, f"code execution from data: {bad}"
+
+
+def _enclosing_function(where: str) -> str:
+    """Name of the function around `path:line` (from test_no_eval's report)."""
+    rel, line = where.split(" ")[0].split(":")
+    tree = ast.parse((REPO / rel).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.lineno <= int(line) <= node.end_lineno:
+            return node.name
+    return ""
 
 
 def test_trust_remote_code_is_never_hard_wired_on():

@@ -4,9 +4,10 @@ of squared softmax probabilities of the temperature-scaled logits."""
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from verlcli.workers.losses import log_probs_and_sum_pi_squared
+
+from _ranks import one_rank_group
 
 
 @pytest.fixture(scope="module")
@@ -14,14 +15,9 @@ def engine(tmp_path_factory):
     from verlcli.engine import FSDPEngine
     from verlcli.models.resolve import resolve_model
 
-    created = not dist.is_initialized()
-    if created:
-        store = tmp_path_factory.mktemp("pg") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield FSDPEngine(resolve_model("tiny-qwen2"), kind="causal_lm", optim=None, device="cpu",
-                     compute_dtype="float32")
-    if created:
-        dist.destroy_process_group()
+    with one_rank_group(tmp_path_factory.mktemp("pg")):
+        yield FSDPEngine(resolve_model("tiny-qwen2"), kind="causal_lm", optim=None, device="cpu",
+                         compute_dtype="float32")
 
 
 def test_matches_the_engines_log_probs(engine):
