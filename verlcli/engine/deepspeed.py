@@ -57,7 +57,7 @@ from verlcli.engine.fsdp import (
     _tied_aliases,
     resolve_compute_dtype,
 )
-from verlcli.engine.heads import response_log_probs, response_values
+from verlcli.engine.heads import HFHeads
 from verlcli.engine.optim import build_optimizer, build_scheduler
 
 # Bucket sizes (elements) for ZeRO's reduce / all-gather buffers. DeepSpeed's defaults (5e8)
@@ -112,7 +112,7 @@ def _lora_unit(name: str) -> str:
     return name
 
 
-class DeepSpeedEngine(TrainEngine):
+class DeepSpeedEngine(HFHeads, TrainEngine):
     """A HF model under DeepSpeed ZeRO on this rank, with optimizer and schedule."""
 
     strategy = "deepspeed"
@@ -253,34 +253,6 @@ class DeepSpeedEngine(TrainEngine):
             return module(input_ids=input_ids.to(self.device),
                           attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                           position_ids=position_ids.to(self.device), use_cache=False, **kwargs)
-
-    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(input_ids, attention_mask, position_ids).logits
-
-    def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  position_ids: torch.Tensor, response_len: int, temperature: float = 1.0,
-                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.kind != "causal_lm":
-            raise RuntimeError("log_probs needs kind='causal_lm'")
-        R = int(response_len)
-        if not 0 < R < input_ids.shape[1]:
-            raise ValueError(f"response_len {R} must be in [1, {input_ids.shape[1] - 1}]")
-        if packing.applies(self.pack_mode, attention_mask, R):
-            return packing.hf_log_probs(self._forward, packing.pack(input_ids, attention_mask, position_ids, R),
-                                        self.pack_mode, self.device, self.compute_dtype, temperature, with_entropy)
-        logits = self._forward(input_ids, attention_mask, position_ids, logits_to_keep=R + 1).logits
-        return response_log_probs(logits, input_ids.to(self.device), R, temperature, with_entropy)
-
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               position_ids: torch.Tensor, response_len: int) -> torch.Tensor:
-        if self.kind != "value":
-            raise RuntimeError("values needs kind='value'")
-        if packing.applies(self.pack_mode, attention_mask, response_len):
-            return packing.hf_values(self._forward, packing.pack(input_ids, attention_mask, position_ids, response_len),
-                                     self.pack_mode, self.device, self.compute_dtype)
-        return response_values(self._forward(input_ids, attention_mask, position_ids).logits,
-                               int(response_len))
 
     # ------------------------------------------------------------------ training
 

@@ -55,7 +55,7 @@ from verlcli.config.schema import LoraConfig, OptimConfig
 from verlcli.engine import checkpoint as ckpt
 from verlcli.engine import packing
 from verlcli.engine.base import Kind, NamedTensors, TrainEngine
-from verlcli.engine.heads import response_log_probs, response_values
+from verlcli.engine.heads import HFHeads
 from verlcli.engine.optim import build_optimizer, build_scheduler
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -165,7 +165,7 @@ def _decoder_layers(model: nn.Module, hf_model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-class FSDPEngine(TrainEngine):
+class FSDPEngine(HFHeads, TrainEngine):
     """A HF model on this rank's shard of an FSDP2 mesh, with optimizer and schedule.
 
     See the module docstring for the sequence layout and the loss-scaling convention.
@@ -268,39 +268,6 @@ class FSDPEngine(TrainEngine):
                               attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                               position_ids=position_ids.to(self.device),
                               use_cache=False, **kwargs)
-
-    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, T, V]` (bf16 under bf16 compute). Grad mode is the caller's."""
-        return self._forward(input_ids, attention_mask, position_ids).logits
-
-    def log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  position_ids: torch.Tensor, response_len: int, temperature: float = 1.0,
-                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(log p(response token | everything before it) `[B, R]`, entropy `[B, R]` or
-        None), float32. Only the last R+1 positions go through the output layer; the
-        log-softmax and entropy are computed in row chunks (no `[B, R, V]` float copy)."""
-        if self.kind != "causal_lm":
-            raise RuntimeError("log_probs needs kind='causal_lm'")
-        R = int(response_len)
-        if not 0 < R < input_ids.shape[1]:
-            raise ValueError(f"response_len {R} must be in [1, {input_ids.shape[1] - 1}]")
-        if packing.applies(self.pack_mode, attention_mask, R):
-            return packing.hf_log_probs(self._forward, packing.pack(input_ids, attention_mask, position_ids, R),
-                                        self.pack_mode, self.device, self.compute_dtype, temperature, with_entropy)
-        logits = self._forward(input_ids, attention_mask, position_ids, logits_to_keep=R + 1).logits
-        return response_log_probs(logits, input_ids.to(self.device), R, temperature, with_entropy)
-
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               position_ids: torch.Tensor, response_len: int) -> torch.Tensor:
-        """Value at each response position `[B, R]`, float32: `values[:, -R-1:-1]`."""
-        if self.kind != "value":
-            raise RuntimeError("values needs kind='value'")
-        if packing.applies(self.pack_mode, attention_mask, response_len):
-            return packing.hf_values(self._forward, packing.pack(input_ids, attention_mask, position_ids, response_len),
-                                     self.pack_mode, self.device, self.compute_dtype)
-        return response_values(self._forward(input_ids, attention_mask, position_ids).logits,
-                               int(response_len))
 
     # ------------------------------------------------------------------ training
 
