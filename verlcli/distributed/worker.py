@@ -55,6 +55,15 @@ def node_id() -> str | None:
     return None
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, AttributeError, ValueError):
+        return 0
+
+
 class Worker:
     """Base class of every role. Subclasses put their set-up in `setup(**kwargs)`."""
 
@@ -100,8 +109,7 @@ class Worker:
         import resource
 
         out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        with open("/proc/self/statm") as f:  # RSS now: a creep across steps shows here, not in the peak
-            out["mem/rss_gb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+        out["mem/rss_gb"] = rss_bytes() / 2**30  # RSS now: a creep across steps shows here, not in the peak
         if self.device_type == "cuda":
             out["mem/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return out

@@ -24,8 +24,9 @@ import ctypes
 import os
 import sys
 
+from verlcli.distributed.worker import rss_bytes
+
 _libc = None
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 last: dict[str, float] = {}  # phase → RSS before its trim and bytes the trim released (GB)
 
 
@@ -41,14 +42,6 @@ def _glibc():
             except (OSError, AttributeError):
                 pass
     return _libc or None
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return 0
 
 
 def trim(phase: str) -> None:
