@@ -168,16 +168,15 @@ def model_directory(model: str):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_prompts(opts: EvalOptions, tokenizer) -> list[dict]:
+def load_prompts(opts: EvalOptions, tokenizer, tools: dict | None = None) -> list[dict]:
     from verlcli.data.dataset import load_rl_dataset
 
     if not opts.data:
         raise UserError("no data to evaluate on", fix="pass --data FILE.parquet (or --generations FILE)")
     schemas = None
-    if opts.tools:  # each prompt shows the tools it may call (data/tool_chat.py)
-        from verlcli.tools import make_tools, tool_schemas
+    if tools:  # each prompt shows the tools it may call (data/tool_chat.py)
+        from verlcli.tools import tool_schemas
 
-        tools = make_tools(list(opts.tools), timeout_s=opts.tool_timeout_s, memory_mb=opts.tool_memory_mb)
         schemas = dict(zip(tools, tool_schemas(tools)))
     items = load_rl_dataset([opts.data], tokenizer, prompt_key=opts.prompt_key,
                             max_prompt_tokens=opts.max_prompt_tokens, truncation="error", tool_schemas=schemas)
@@ -196,7 +195,12 @@ def generate_rows(opts: EvalOptions, model_dir: Path) -> tuple[list[dict], dict]
     from verlcli.rollout import SamplingSpec, make_rollout
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    items = load_prompts(opts, tokenizer)
+    tools = None
+    if opts.tools:  # built once: the prompts show their schemas, the agent loop calls them
+        from verlcli.tools import make_tools
+
+        tools = make_tools(list(opts.tools), timeout_s=opts.tool_timeout_s, memory_mb=opts.tool_memory_mb)
+    items = load_prompts(opts, tokenizer, tools)
     device = _resolve_device(opts.device)
     dtype = _resolve_dtype(opts.dtype, device)
     max_len = max(len(it["input_ids"]) for it in items) + opts.max_tokens
@@ -206,7 +210,7 @@ def generate_rows(opts: EvalOptions, model_dir: Path) -> tuple[list[dict], dict]
                           max_model_len=max_len, seed=opts.seed)
     try:
         if opts.tools:
-            return _agent_rows(opts, engine, tokenizer, items, spec), {
+            return _agent_rows(opts, engine, tokenizer, tools, items, spec), {
                 "engine": opts.engine, "device": device, "dtype": dtype, "num_prompts": len(items),
                 "tools": list(opts.tools), "max_turns": opts.max_turns}
         outputs = engine.generate([list(it["input_ids"]) for it in items], spec)
@@ -229,14 +233,13 @@ def generate_rows(opts: EvalOptions, model_dir: Path) -> tuple[list[dict], dict]
     return rows, {"engine": opts.engine, "device": device, "dtype": dtype, "num_prompts": len(items)}
 
 
-def _agent_rows(opts: EvalOptions, engine, tokenizer, items: list[dict], spec) -> list[dict]:
+def _agent_rows(opts: EvalOptions, engine, tokenizer, tools: dict, items: list[dict], spec) -> list[dict]:
     """Multi-turn: n tool-calling trajectories per prompt (the agent loop the trainer uses).
     `response` is the final answer (the model's last turn, what the reward scores);
     `trajectory` the whole conversation after the prompt, tool results included."""
     from verlcli.rollout.agent_loop import AgentLoop
-    from verlcli.tools import make_tools, parser_for
+    from verlcli.tools import parser_for
 
-    tools = make_tools(list(opts.tools), timeout_s=opts.tool_timeout_s, memory_mb=opts.tool_memory_mb)
     loop = AgentLoop(engine, tokenizer, tools, parser_for(tokenizer), budget_tokens=opts.max_tokens,
                      max_turns=opts.max_turns, max_tool_response_tokens=opts.max_tool_response_tokens)
     order = [(i, j) for i in range(len(items)) for j in range(opts.n)]
