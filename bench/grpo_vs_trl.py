@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
+N_PARAMS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings counted once)
 VERL = ["verl"] if shutil.which("verl") else [sys.executable, "-m", "verlcli.cli"]
 
 
@@ -84,6 +85,46 @@ def child_env(threads: int) -> dict:
         "PYTHONPATH": os.pathsep.join([str(REPO)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x]),
     })
     return env
+
+
+MATMUL_CODE = """
+import json, sys, time, torch
+torch.manual_seed(0)
+out = {}
+# The model's own shapes: 4096 tokens x hidden 576 -> MLP 1536 (SmolLM2-135M), forward-like.
+for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    a = torch.randn(4096, 576, dtype=dtype); b = torch.randn(576, 1536, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 3.0:
+        a @ b; reps += 1
+    out[name] = 2 * 4096 * 576 * 1536 * reps / (time.perf_counter() - start) / 1e9
+print(json.dumps(out))
+"""
+
+
+def matmul_rate(threads: int) -> dict:
+    """This CPU's matmul rate (GFLOP/s) in fp32 and bf16 with the bench's thread count, in a
+    fresh process (so OMP_NUM_THREADS applies), measured in the same run as both sides."""
+    out = subprocess.run([sys.executable, "-c", MATMUL_CODE], env=child_env(threads), check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def update_gflops(r: dict) -> float | None:
+    """The actor update's rate: 6 * N * trained tokens / update seconds (forward + backward),
+    trained tokens = sequences x (mean prompt tokens) + completion tokens, per step (median)."""
+    toks = median_after_warmup(r["completion_tokens"])
+    seqs = r.get("sequences_per_step") or r.get("sequences")
+    seqs = median_after_warmup(seqs) if isinstance(seqs, list) else seqs
+    if r["tool"] == "verl":
+        update = (r.get("phase_median_s") or {}).get("update_actor_s")
+    else:  # TRL: everything outside generation is the update (its reward and logging are tiny)
+        update = median_after_warmup([s - g for s, g in zip(r["step_s"], r["gen_s"])])
+    if not (toks and seqs and update and r.get("prompt_tokens_mean")):
+        return None
+    return 6 * N_PARAMS * (seqs * r["prompt_tokens_mean"] + toks) / update / 1e9
 
 
 def prepare_data(workdir: Path) -> Path:
@@ -243,6 +284,7 @@ def run_verl(a, data: Path, work: Path) -> dict:
         "completion_tokens": tokens, "wall_step_s_from_2nd": wall_step, "evals": evals,
         "phase_median_s": {p.removeprefix("timing/"): median_after_warmup([r.get(p, 0.0) for r in steps]) for p in phases},
         "prompt_tokens_mean": statistics.mean(r.get("prompt/length_mean", 0.0) for r in steps),
+        "sequences": a.prompts_per_step * a.n,
         "score_mean": [r.get("score/mean") for r in steps],
         "memory": {**mem, "worker_peak_rss_gb": worker_rss,
                    # what verl itself reports (rank-0 worker) plus the driver, as sampled here
@@ -500,6 +542,7 @@ def summarize(r: dict) -> dict:
         "median_completion_tokens_per_step": toks,
         "gen_tokens_per_s": median_after_warmup(tps) if tps else None,
         "completion_tokens_per_step_s": (toks / step) if step else None,
+        "update_gflops": update_gflops(r),
         "peak_tree_rss_gb": mem["peak_tree_rss_gb"],
         "peak_tree_pss_gb": mem["peak_tree_pss_gb"],
         "steps_measured": max(len(r["step_s"]) - 1, 1),
@@ -515,6 +558,7 @@ def table(summary: dict) -> str:
         ("completion tokens/step (median)", "median_completion_tokens_per_step", "{:.0f}"),
         ("generated tokens/s (tokens / gen s)", "gen_tokens_per_s", "{:.0f}"),
         ("completion tokens / step s", "completion_tokens_per_step_s", "{:.1f}"),
+        ("update GFLOP/s (6·N·trained tokens / update s)", "update_gflops", "{:.1f}"),
         ("peak RSS, process tree sum (GB)", "peak_tree_rss_gb", "{:.2f}"),
         ("peak PSS, process tree sum (GB)", "peak_tree_pss_gb", "{:.2f}"),
     ]
@@ -524,6 +568,15 @@ def table(summary: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     if "ratio_trl_over_verl" in summary:
         lines.append(f"\n**TRL / verl median s/step: {summary['ratio_trl_over_verl']:.2f}×**")
+    rate = summary.get("matmul_gflops")
+    if rate:
+        lines.append(f"\nThis CPU's matmul rate in the same run (4096×576 @ 576×1536): fp32 {rate['float32']:.1f}, "
+                     f"bf16 {rate['bfloat16']:.1f} GFLOP/s.")
+        for s in sides:
+            if summary[s].get("update_gflops"):
+                lines.append(f"{s} update: {summary[s]['update_gflops']:.1f} GFLOP/s = "
+                             f"{100 * summary[s]['update_gflops'] / rate['float32']:.0f}% of fp32 matmul, "
+                             f"{100 * summary[s]['update_gflops'] / rate['bfloat16']:.0f}% of bf16 matmul.")
     return "\n".join(lines)
 
 
@@ -541,12 +594,15 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(work)
     print(f"work dir {work}", flush=True)
+    rate = matmul_rate(a.threads)
+    print(f"matmul GFLOP/s with {a.threads} threads: fp32 {rate['float32']:.1f}, bf16 {rate['bfloat16']:.1f}", flush=True)
     results = {}
     for side in ("trl", "verl"):  # one after the other: they never share the cores
         if a.only in (None, side):
             results[side] = run_trl(a, data, work) if side == "trl" else run_verl(a, data, work)
             print(f"{side}: done in {results[side]['total_wall_s']:.0f} s", flush=True)
     summary = {side: summarize(r) for side, r in results.items()}
+    summary["matmul_gflops"] = rate
     if "trl" in summary and "verl" in summary:
         summary["ratio_trl_over_verl"] = summary["trl"]["median_step_s"] / summary["verl"]["median_step_s"]
     settings = {k: getattr(a, k) for k in ("steps", "prompts_per_step", "n", "max_prompt", "max_completion",

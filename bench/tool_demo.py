@@ -2,8 +2,11 @@
 calculator, tool-call format rate, as a markdown table and a PNG bar chart.
 
     python bench/tool_demo.py evals/tools --out docs/tools_demo.png
+    python bench/tool_demo.py evals/tools --runs runs/tools-grpo-s1 runs/tools-grpo-s2 --out docs/tools_demo.png
 
 Reads every DIR/*/generations.jsonl written by `verl eval` (agent rows carry `tool_calls`).
+With --runs, the PNG also plots each GRPO run's held-out reward (val/score/mean, greedy, with the
+calculator) against its step, next to the evaluations without tools as horizontal lines.
 Columns: accuracy (correct number after ####, or as the last number: the arithmetic scorer's
 acc), format (the response has "####"), called (>= 1 tool call), call ok (>= 1 call that
 ran without error), turns per trajectory.
@@ -28,10 +31,21 @@ def summarize(path: Path) -> dict:
             "tools": "tool_calls" in rows[0]}
 
 
+def read_curve(metrics: Path) -> list[tuple[int, float]]:
+    """(step, val/score/mean) of a run; a step validated twice (a resume) keeps the last value."""
+    by_step = {}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "val/score/mean" in row:
+            by_step[row["step"]] = row["val/score/mean"]
+    return sorted(by_step.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("evals", help="directory holding one verl eval output directory per condition")
     ap.add_argument("--out", default=None, help="PNG bar chart of accuracy per condition")
+    ap.add_argument("--runs", nargs="*", default=[], help="GRPO run directories: held-out curves in the PNG")
     args = ap.parse_args()
     results = {d.name: summarize(d / "generations.jsonl") for d in sorted(Path(args.evals).iterdir())
                if (d / "generations.jsonl").is_file()}
@@ -46,13 +60,28 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.2))
+        fig, axes = plt.subplots(1, 2 if args.runs else 1, figsize=(11 if args.runs else 6, 3.6), squeeze=False)
+        ax = axes[0][0]
         names = list(results)
         ax.bar(names, [results[k]["accuracy"] for k in names], color=["C0" if results[k]["tools"] else "C7" for k in names])
         ax.set_ylabel("held-out accuracy (greedy)")
         ax.set_ylim(0, 1)
-        ax.set_title("SmolLM2-135M, 3-4 digit a*b: with vs without the calculator")
-        plt.xticks(rotation=20, ha="right")
+        ax.set_title("SmolLM2-135M, 3-4 digit a*b")
+        ax.tick_params(axis="x", labelrotation=20)
+        if args.runs:
+            ax = axes[0][1]
+            for run in args.runs:
+                curve = read_curve(Path(run) / "metrics.jsonl")
+                ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=f"GRPO + calculator: {Path(run).name}")
+            for name, r in results.items():
+                if not r["tools"]:
+                    ax.axhline(r["accuracy"], color="C7", linestyle="--", linewidth=1)
+                    ax.annotate(f"{name} (no tools)", (0, r["accuracy"]), textcoords="offset points", xytext=(2, 3), fontsize=8)
+            ax.set_xlabel("GRPO step")
+            ax.set_ylabel("held-out reward (greedy)")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=8, loc="lower right")
+            ax.set_title("held-out reward during GRPO")
         fig.tight_layout()
         fig.savefig(args.out, dpi=120)
         print(f"wrote {args.out}")

@@ -27,6 +27,7 @@ callable taking the list of per-rank results.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -113,8 +114,14 @@ def balanced_order(batch: Batch, groups: int) -> tuple[int, ...] | None:
     mask = batch.tensors.get("attention_mask")
     if groups < 2 or mask is None:
         return None
-    costs = mask.sum(-1).tolist()  # real tokens: what a packed forward pays for
-    return tuple(dp_order(costs, groups, int(batch.meta.get("dp_blocks", 1))))
+    costs = tuple(mask.sum(-1).tolist())  # real tokens: what a packed forward pays for
+    return _cached_order(costs, groups, int(batch.meta.get("dp_blocks", 1)))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_order(costs: tuple, groups: int, blocks: int) -> tuple[int, ...]:
+    # The driver asks twice per update (balance_metrics, then the dispatch itself).
+    return tuple(dp_order(costs, groups, blocks))
 
 
 def dp_group_size(coords: list, group: str = "workers") -> int:
