@@ -48,6 +48,29 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [pts[s] for s in steps]
 
 
+def training_clock(rows: list[dict]) -> dict[int, float]:
+    """Seconds of training up to the end of each step: the step's time without validation and
+    checkpointing (what `val/score/mean` at step k was reached after). Step 0 is 0 s."""
+    per_step = {}
+    for r in rows:  # later lines win (a resumed run re-logs a step)
+        if isinstance(r.get("timing/step_s"), (int, float)):
+            per_step[int(r["step"])] = (r["timing/step_s"] - r.get("timing/validate_s", 0.0)
+                                        - r.get("timing/checkpoint_s", 0.0))
+    clock, total = {0: 0.0}, 0.0
+    for step in sorted(per_step):
+        total += per_step[step]
+        clock[step] = total
+    return clock
+
+
+def heldout_vs_time(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """(training seconds, val/score/mean) at every validated step."""
+    clock = training_clock(rows)
+    steps, values = series(rows, "val/score/mean")
+    pts = [(clock[s], v) for s, v in zip(steps, values) if s in clock]
+    return [t for t, _ in pts], [v for _, v in pts]
+
+
 def make_report(run_dirs: list[str], out: str | None = None) -> list[Path]:
     import matplotlib
 
@@ -77,6 +100,19 @@ def make_report(run_dirs: list[str], out: str | None = None) -> list[Path]:
             ax.axis("off")
         fig.tight_layout()
         written.append(_save(fig, out_dir / "curves.png"))
+        plt.close(fig)
+    if any(len(heldout_vs_time(rows)[0]) > 1 for rows in runs.values()):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for name, rows in runs.items():
+            xs, ys = heldout_vs_time(rows)
+            if xs:
+                ax.plot([x / 60 for x in xs], ys, marker="o", ms=3, label=name)
+        ax.set_xlabel("training minutes (validation and checkpoints excluded)")
+        ax.set_ylabel("held-out reward (val/score/mean)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "heldout_vs_time.png"))
         plt.close(fig)
     timing = _timing_figure(plt, runs)
     if timing is not None:

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from verlcli.errors import UserError
-from verlcli.report import make_report, series
+from verlcli.report import heldout_vs_time, make_report, series
 
 
 def _run(tmp_path, name, rows):
@@ -19,7 +19,7 @@ def test_report_overlays_runs_and_writes_pngs(tmp_path):
     a = _run(tmp_path, "a", rows)
     b = _run(tmp_path, "b", rows[:2])
     out = make_report([a, b], str(tmp_path / "plots"))
-    assert [p.name for p in out] == ["curves.png", "timing.png"]
+    assert [p.name for p in out] == ["curves.png", "heldout_vs_time.png", "timing.png"]
     for p in out:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -29,3 +29,11 @@ def test_resumed_step_wins_and_missing_file(tmp_path):
     assert series(rows, "score/mean") == ([1], [0.3])
     with pytest.raises(UserError, match="no metrics.jsonl"):
         make_report([str(tmp_path / "nope")])
+
+
+def test_heldout_against_training_seconds_leaves_out_validation_and_checkpoints():
+    rows = [{"step": 0, "val/score/mean": 0.1},
+            {"step": 1, "timing/step_s": 10.0},
+            {"step": 2, "timing/step_s": 25.0, "timing/validate_s": 5.0, "val/score/mean": 0.4},
+            {"step": 3, "timing/step_s": 12.0, "timing/checkpoint_s": 2.0, "val/score/mean": 0.5}]
+    assert heldout_vs_time(rows) == ([0.0, 30.0, 40.0], [0.1, 0.4, 0.5])
