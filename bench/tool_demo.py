@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("evals", help="directory holding one verl eval output directory per condition")
     ap.add_argument("--out", default=None, help="PNG bar chart of accuracy per condition")
     ap.add_argument("--runs", nargs="*", default=[], help="GRPO run directories: held-out curves in the PNG")
+    ap.add_argument("--step0", type=float, default=None,
+                    help="held-out reward of the starting model, drawn at step 0 for runs that did not "
+                         "validate before training (trainer.val_before_train=false)")
     args = ap.parse_args()
     results = {d.name: summarize(d / "generations.jsonl") for d in sorted(Path(args.evals).iterdir())
                if (d / "generations.jsonl").is_file()}
@@ -63,7 +66,8 @@ def main() -> None:
         fig, axes = plt.subplots(1, 2 if args.runs else 1, figsize=(11 if args.runs else 6, 3.6), squeeze=False)
         ax = axes[0][0]
         names = list(results)
-        ax.bar(names, [results[k]["accuracy"] for k in names], color=["C0" if results[k]["tools"] else "C7" for k in names])
+        bars = ax.bar(names, [results[k]["accuracy"] for k in names], color=["C0" if results[k]["tools"] else "C7" for k in names])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
         ax.set_ylabel("held-out accuracy (greedy)")
         ax.set_ylim(0, 1)
         ax.set_title("SmolLM2-135M, 3-4 digit a*b")
@@ -72,11 +76,17 @@ def main() -> None:
             ax = axes[0][1]
             for run in args.runs:
                 curve = read_curve(Path(run) / "metrics.jsonl")
+                if args.step0 is not None and (not curve or curve[0][0] != 0):
+                    curve = [(0, args.step0)] + curve
                 ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=f"GRPO + calculator: {Path(run).name}")
+            baselines: dict[float, list[str]] = {}
             for name, r in results.items():
                 if not r["tools"]:
-                    ax.axhline(r["accuracy"], color="C7", linestyle="--", linewidth=1)
-                    ax.annotate(f"{name} (no tools)", (0, r["accuracy"]), textcoords="offset points", xytext=(2, 3), fontsize=8)
+                    baselines.setdefault(round(r["accuracy"], 2), []).append(name)
+            for acc, names_at in baselines.items():
+                ax.axhline(acc, color="C7", linestyle="--", linewidth=1)
+                ax.annotate(f"without tools: {', '.join(names_at)}", (0, acc), textcoords="offset points",
+                            xytext=(2, 3), fontsize=8)
             ax.set_xlabel("GRPO step")
             ax.set_ylabel("held-out reward (greedy)")
             ax.set_ylim(0, 1)
