@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-verl prepare-data arithmetic
+# Operands 1-12 (what SmolLM2 knows best) and a one-line answer format in the system turn.
+verl prepare-data arithmetic --max-operand 12 \
+    --system-prompt $'Answer with only the equation and the final number after ####, like: 6 * 7 = 42\n#### 42'
 verl grpo --preset smollm2-135m-cpu "$@"
 verl report runs/smollm2-135m-cpu --out runs/smollm2-135m-cpu/plots || true

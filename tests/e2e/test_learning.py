@@ -19,6 +19,7 @@ def test_grpo_raises_heldout_reward(tmp_path_factory, verl_home):
     run = wd / "runs" / "learn"
     ok(verl("grpo", "--preset", "smollm2-135m-cpu", f"trainer.run_dir={run}", "trainer.total_steps=1",
             "trainer.val_every=1", "trainer.save_every=0", "data.val_prompts=48", "data.max_response_tokens=32",
+            "data.train_prompts_per_step=8", "actor.mini_batch_prompts=8",
             "actor.optim.lr=5e-5", "actor.optim.schedule=constant", "logging.progress_bar=false", cwd=wd,
             timeout=1500))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -135,8 +135,8 @@ def test_tiny_cpu_plan_terms_by_hand():
 def test_cpu_kv_cache_is_sized_from_the_job():
     smol = load_shape("smollm2-135m-instruct")  # 30 layers, 3 KV heads × 64
     assert kv_bytes_per_token(smol, 1, 4) == 2 * 30 * 3 * 64 * 4 == 46_080
-    cfg = _cfg("smollm2-135m-cpu")  # 8 prompts × n=4 on one engine, 192 + 64 tokens
-    kv = cpu_kv_cache(cfg, smol, 4)
+    cfg = _cfg("smollm2-135m-cpu", "data.train_prompts_per_step=8", "data.max_response_tokens=64")
+    kv = cpu_kv_cache(cfg, smol, 4)  # 8 prompts × n=4 on one engine, 192 + 64 tokens
     assert kv.auto and (kv.rows, kv.tokens_per_row) == (32, 256)
     assert kv.bytes == (32 * 2 + 1) * 128 * 46_080  # 65 blocks: 0.36 GiB instead of 1 GiB
     # An explicit size is honoured as given, fractions of a GiB included.
