@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from verlcli.report import series, training_clock
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 N_PARAMS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings counted once)
@@ -116,8 +118,7 @@ def update_gflops(r: dict) -> float | None:
     """The actor update's rate: 6 * N * trained tokens / update seconds (forward + backward),
     trained tokens = sequences x (mean prompt tokens) + completion tokens, per step (median)."""
     toks = median_after_warmup(r["completion_tokens"])
-    seqs = r.get("sequences_per_step") or r.get("sequences")
-    seqs = median_after_warmup(seqs) if isinstance(seqs, list) else seqs
+    seqs = median_after_warmup(r.get("sequences_per_step") or [])
     if r["tool"] == "verl":
         update = (r.get("phase_median_s") or {}).get("update_actor_s")
     else:  # TRL: everything outside generation is the update (its reward and logging are tiny)
@@ -274,17 +275,15 @@ def run_verl(a, data: Path, work: Path) -> dict:
         wall_step[-1] -= steps[-1].get("timing/checkpoint_s", 0.0)
         wall_step = [w - s.get("timing/validate_s", 0.0) for w, s in zip(wall_step, steps[1:])]
     # Held-out reward against training seconds (validation and checkpoint time left out).
-    clock = [0.0]
-    for s in step_s:
-        clock.append(clock[-1] + s)
-    by_step = {r["step"]: r["val/score/mean"] for r in rows if "val/score/mean" in r}
-    evals = [{"step": k, "train_s": clock[k], "reward": v} for k, v in sorted(by_step.items()) if k < len(clock)]
+    clock = training_clock(rows)
+    steps_val, rewards = series(rows, "val/score/mean")
+    evals = [{"step": k, "train_s": clock[k], "reward": v} for k, v in zip(steps_val, rewards) if k in clock]
     return {
         "tool": "verl", "command": " ".join(cmd), "total_wall_s": wall, "step_s": step_s, "gen_s": gen_s,
         "completion_tokens": tokens, "wall_step_s_from_2nd": wall_step, "evals": evals,
         "phase_median_s": {p.removeprefix("timing/"): median_after_warmup([r.get(p, 0.0) for r in steps]) for p in phases},
         "prompt_tokens_mean": statistics.mean(r.get("prompt/length_mean", 0.0) for r in steps),
-        "sequences": a.prompts_per_step * a.n,
+        "sequences_per_step": [a.prompts_per_step * a.n] * len(steps),
         "score_mean": [r.get("score/mean") for r in steps],
         "memory": {**mem, "worker_peak_rss_gb": worker_rss,
                    # what verl itself reports (rank-0 worker) plus the driver, as sampled here

@@ -18,6 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
+from verlcli.report import read_metrics, series
+
 
 def summarize(path: Path) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -29,16 +31,6 @@ def summarize(path: Path) -> dict:
     turns = sum(r.get("turns", 1) for r in rows) / n
     return {"n": n, "accuracy": acc, "format": fmt, "called": called, "call_ok": call_ok, "turns": turns,
             "tools": "tool_calls" in rows[0]}
-
-
-def read_curve(metrics: Path) -> list[tuple[int, float]]:
-    """(step, val/score/mean) of a run; a step validated twice (a resume) keeps the last value."""
-    by_step = {}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if "val/score/mean" in row:
-            by_step[row["step"]] = row["val/score/mean"]
-    return sorted(by_step.items())
 
 
 def main() -> None:
@@ -75,7 +67,7 @@ def main() -> None:
         if args.runs:
             ax = axes[0][1]
             for run in args.runs:
-                curve = read_curve(Path(run) / "metrics.jsonl")
+                curve = list(zip(*series(read_metrics(run), "val/score/mean")))
                 if args.step0 is not None and (not curve or curve[0][0] != 0):
                     curve = [(0, args.step0)] + curve
                 ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=f"GRPO + calculator: {Path(run).name}")

@@ -101,10 +101,10 @@ def make_report(run_dirs: list[str], out: str | None = None) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out_dir / "curves.png"))
         plt.close(fig)
-    if any(len(heldout_vs_time(rows)[0]) > 1 for rows in runs.values()):
+    heldout = {name: heldout_vs_time(rows) for name, rows in runs.items()}
+    if any(len(xs) > 1 for xs, _ in heldout.values()):
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for name, rows in runs.items():
-            xs, ys = heldout_vs_time(rows)
+        for name, (xs, ys) in heldout.items():
             if xs:
                 ax.plot([x / 60 for x in xs], ys, marker="o", ms=3, label=name)
         ax.set_xlabel("training minutes (validation and checkpoints excluded)")
