@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Held-out reward (greedy, --eval-prompts test prompts) before training and every K "
                         "steps on both sides, outside the step timers; 0 = off.")
     p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--verl-launcher", choices=["ray", "local"], default="ray",
+                   help="verl's launcher: ray (the default a user gets: driver + Ray daemons + one worker "
+                        "process) or local (one process, as TRL runs).")
     p.add_argument("--plot", help="PNG: held-out reward vs training seconds, both sides (needs --eval-every).")
     p.add_argument("--side", choices=["trl"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -245,7 +248,7 @@ def verl_overrides(a, data: Path, run_dir: Path) -> list[str]:
         "trainer.save_every=0", f"trainer.run_dir={run_dir}", "trainer.resume=never",
         f"trainer.seed={a.seed}", "logging.progress_bar=false",
         f"resources.compute_dtype={'bfloat16' if a.precision == 'bf16' else 'float32'}",
-        f"rollout.ignore_eos={str(a.equal_work).lower()}",
+        f"rollout.ignore_eos={str(a.equal_work).lower()}", f"launcher={a.verl_launcher}",
     ] + ([f"trainer.val_every={a.eval_every}", "trainer.val_before_train=true",
           f"data.val_prompts={a.eval_prompts}"] if a.eval_every else [])
 
@@ -606,7 +609,7 @@ def main(argv=None) -> None:
         summary["ratio_trl_over_verl"] = summary["trl"]["median_step_s"] / summary["verl"]["median_step_s"]
     settings = {k: getattr(a, k) for k in ("steps", "prompts_per_step", "n", "max_prompt", "max_completion",
                                            "temperature", "lr", "micro_batch", "seed", "threads", "trl_generation",
-                                           "equal_work", "precision", "eval_every", "eval_prompts")}
+                                           "equal_work", "precision", "eval_every", "eval_prompts", "verl_launcher")}
     report = {"settings": settings, "summary": summary, "raw": results, "work_dir": str(work),
               "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}}
     md = table(summary)

@@ -14,6 +14,7 @@ import pytest
 from verlcli.config.loader import load_config, preset_names
 from verlcli.config.plan import (
     GiB,
+    PHASES_RL,
     activation_bytes,
     kv_bytes_per_token,
     layer_activation_bytes,
@@ -124,9 +125,18 @@ def test_tiny_cpu_plan_terms_by_hand():
     assert _term(plan, "actor", "AdamW").bytes == 8 * n / 2
     assert _term(plan, "actor", "activations").bytes == 4 * 2 * 152 * 9_728
     # 4 prompts × n=4 over 2 engines = 8 rows × 2 blocks of 128 tokens, + vLLM's null block
-    assert _term(plan, "rollout", "vLLM KV").bytes == 17 * 128 * 2048
-    assert _term(plan, "rollout", "vLLM weights").bytes == 4 * n
+    kv = _term(plan, "rollout", "vLLM KV")
+    assert kv.bytes == 17 * 128 * 2048
+    # free_cache_engine (default): the KV cache's pages only while generating, the packed layers
+    # dropped for the update, the embedding table always
+    assert kv.phases == ("rollout",)
+    layers, emb = _term(plan, "rollout", "vLLM packed layers"), _term(plan, "rollout", "vLLM embedding")
+    assert layers.bytes + emb.bytes == 4 * n and emb.bytes == 4 * TINY.embedding_params
+    assert "update" not in layers.phases and "update" in emb.phases
     assert plan.kv_tokens == 17 * 128
+    kept = memory_plan(_cfg("tiny-cpu", "rollout.free_cache_engine=false"), "grpo", load_shape("tiny-qwen2"), "cpu")
+    assert _term(kept, "rollout", "vLLM weights").bytes == 4 * n
+    assert _term(kept, "rollout", "vLLM KV").phases == PHASES_RL
     # CPU: the node is the device; every worker process + driver, Ray, reward pool
     assert plan.peaks["update"] == 2 * plan.per_device["update"] + sum(plan.node_terms.values())
     assert plan.fits

@@ -70,7 +70,7 @@ def vllm_engine(tiny):
     # the null block, 0.75 MiB here): vLLM must accept it and queue what does not fit.
     floor = auto_kv_cache_bytes(1, 1, MAX_LEN, kv_bytes_per_token(load_shape(tiny), 1, 4))
     engine = make_rollout("vllm", tiny, device="cpu", dtype="float32", max_model_len=MAX_LEN,
-                          seed=0, cpu_kvcache_gb=floor / 2**30)
+                          seed=0, cpu_kvcache_gb=floor / 2**30, enable_sleep=True)
     engine.caller_rng_kept = _same_rng(before, _rng_snapshot())
     yield engine
     engine.shutdown()
@@ -270,10 +270,35 @@ def test_sync_rejects_incomplete_weights(engine, base_weights):
 # ---------------------------------------------------------------- the rest
 
 
-def test_sleep_wake_are_noops_on_cpu(engine, prompts):
+def _kv_bytes(engine) -> int:
+    from verlcli.rollout.vllm_engine import _kv_storages
+
+    return sum(engine.llm.collective_rpc(lambda w: sum(s.nbytes() for s in _kv_storages(w.model_runner))))
+
+
+def test_sleep_and_dropped_weights_on_cpu(engine, prompts, base_weights):
+    """vLLM on CPU frees its KV cache's pages while asleep and its packed weights between
+    drop_weights and the next sync; greedy output is the same afterwards. hf: no-ops."""
+    greedy = SamplingSpec(temperature=0, max_tokens=6)
+    before = [o.response_ids for o in engine.generate(prompts, greedy)]
+    is_vllm = hasattr(engine, "llm")
+    kv = _kv_bytes(engine) if is_vllm else 0
     engine.sleep()
+    if is_vllm:
+        assert kv > 0 and _kv_bytes(engine) == 0
+        with pytest.raises(RuntimeError, match="asleep"):
+            engine.generate(prompts, greedy)
     engine.wake()
-    assert engine.generate(prompts[:1], SamplingSpec(temperature=0, max_tokens=2))
+    assert not is_vllm or _kv_bytes(engine) == kv
+    assert [o.response_ids for o in engine.generate(prompts, greedy)] == before
+    engine.drop_weights()
+    assert engine.weights_dropped == is_vllm
+    if is_vllm:
+        with pytest.raises(RuntimeError, match="sync weights"):
+            engine.generate(prompts, greedy)
+        engine.sync_weights(base_weights)
+    assert not engine.weights_dropped
+    assert [o.response_ids for o in engine.generate(prompts, greedy)] == before
 
 
 def test_unknown_engine_is_a_user_error(tiny):

@@ -9,8 +9,9 @@ What one device holds, by role and phase, follows what the workers do:
   update         forward + backward of one micro-batch: params, grads, optimizer state,
                  activations, logits.
   optimizer step params, grads and optimizer state (offloaded optimizer state comes back for it).
-On CPU nothing sleeps or offloads: every role is resident in every phase, and the "device" is the
-node's host memory, shared by its worker processes.
+On CPU nothing offloads and the "device" is the node's host memory, shared by its worker
+processes; with rollout.free_cache_engine vLLM's KV cache is resident only while it generates and
+its packed layer weights are dropped from the update until the sync rebuilds them.
 
 Byte counts are worst cases at the configured maximum lengths. Batch numbers come from
 `verlcli.config.arithmetic` (one source); nothing here recomputes them.
@@ -220,7 +221,7 @@ class _Ctx:
     residual: int         # bytes per element of the residual stream
     dp: int
     phases: tuple[str, ...]
-    sleeps: bool          # GPU + free_cache_engine: vLLM asleep while the trainer works
+    sleeps: bool          # free_cache_engine (vLLM): asleep while the trainer works
     offloads: bool        # GPU + offload_trainer (or actor offload_*): trainer on host in rollout
 
     @property
@@ -345,9 +346,17 @@ def _rollout_terms(ctx: _Ctx, device_mem: float, problems: list[str]) -> tuple[l
         size = cpu_kv_cache(cfg, s, eb)  # what the worker allocates (config/kv_cache.py)
         kv = size.bytes
         label = f"{size.rows} rows × {size.tokens_per_row} tok" if size.auto else "cpu_kvcache_gb"
-        terms = [Term("rollout", f"vLLM weights ({'bf16' if eb == 2 else 'fp32'})", weights, every),
-                 Term("rollout", f"vLLM KV cache ({label})", kv, every),
-                 Term("rollout", "vLLM runtime", CPU_VLLM_RUNTIME, every)]
+        dtype = "bf16" if eb == 2 else "fp32"
+        if ctx.sleeps:  # the embedding table stays; the packed layers go for the update (workers/hybrid.py)
+            emb = eb * s.embedding_params / tp
+            terms = [Term("rollout", f"vLLM packed layers ({dtype})", weights - emb,
+                          tuple(ph for ph in every if ph not in ("update", "optimizer step"))),
+                     Term("rollout", f"vLLM embedding ({dtype})", emb, every),
+                     Term("rollout", f"vLLM KV cache ({label})", kv, ("rollout",))]
+        else:
+            terms = [Term("rollout", f"vLLM weights ({dtype})", weights, every),
+                     Term("rollout", f"vLLM KV cache ({label})", kv, every)]
+        terms.append(Term("rollout", "vLLM runtime", CPU_VLLM_RUNTIME, every))
     kv_tokens = int(max(kv, 0) // kv_tok)
     if kv_tokens < max_len:
         knob = "rollout.gpu_memory_utilization" if ctx.gpu else "rollout.cpu_kvcache_gb"
@@ -404,7 +413,7 @@ def memory_plan(cfg: Config, kind: str, shape: ModelShape, device: str | None = 
     dp = batch["data_parallel_size"]
     phases = PHASES_SFT if kind == "sft" else PHASES_RL
     r = cfg.rollout
-    sleeps = gpu and kind != "sft" and r.free_cache_engine and r.engine == "vllm"
+    sleeps = kind != "sft" and r.free_cache_engine and r.engine == "vllm"
     # The hybrid worker's rule (workers/hybrid.py): trainer state leaves the GPU for the rollout.
     offloads = gpu and kind != "sft" and (r.offload_trainer or a.offload_params or a.offload_optimizer)
     ctx = _Ctx(cfg, shape, gpu, e, residual=2 if gpu else 4, dp=dp, phases=phases, sleeps=sleeps,

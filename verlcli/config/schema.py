@@ -127,7 +127,9 @@ class RolloutConfig(Section):
         False, description="GPU: move actor/ref/critic parameters and optimizer state to host "
         "memory while the rollout generates (also on with actor.offload_*); a no-op on CPU.",
     )
-    free_cache_engine: bool = Field(True, description="vLLM sleep/wake around training (GPU only).")
+    free_cache_engine: bool = Field(
+        True, description="vLLM frees memory while the trainer runs: on GPU its weights and KV cache "
+        "(sleep/wake); on CPU its KV cache pages, and its packed weights from the update to the weight sync.")
     cpu_kvcache_gb: float | None = Field(
         None, gt=0, description="vLLM KV cache on CPU, GiB. Unset: sized from the job (rows per "
         "engine × (max prompt + max response) tokens × layers × KV heads × head dim × 2 × dtype "

