@@ -45,8 +45,15 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters to optimize")
+    # fused: one kernel per tensor instead of ~10 elementwise passes. On this CPU it took
+    # 0.15 s instead of 0.55-0.65 s per step for 134.5M fp32 params (single-tensor and foreach
+    # alike); CUDA has the same kernel. Other devices: torch's default.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params) or None
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, fused=fused)
+
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
