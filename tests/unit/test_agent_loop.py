@@ -196,6 +196,20 @@ class ForcedFirstTurn(RolloutEngine):
     def sync_weight_buckets(self, buckets):
         return self.real.sync_weight_buckets(buckets)
 
+    # The worker's memory modes act on the real engine (it sleeps outside generation).
+    def sleep(self):
+        self.real.sleep()
+
+    def wake(self, tags=None):
+        self.real.wake(tags)
+
+    def drop_weights(self):
+        self.real.drop_weights()
+
+    @property
+    def weights_dropped(self):
+        return self.real.weights_dropped
+
 
 @pytest.fixture(scope="module")
 def ref_model(tiny):
